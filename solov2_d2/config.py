@@ -1,0 +1,99 @@
+"""SOLOv2 config keys (`cfg.MODEL.SOLOV2`) with the defaults of the paper and reference code."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_solov2_config", "check_solov2_config"]
+
+
+def add_solov2_config(cfg):
+    """Add the SOLOv2 keys to a detectron2 config, in place.
+
+    Like detectron2's own `add_*_config` functions it only adds keys; `configs/Base-SOLOv2.yaml`
+    sets the detectron2 keys a SOLOv2 model needs (meta-architecture, backbone, MASK_ON).
+    """
+    cfg.MODEL.SOLOV2 = CN()
+    _C = cfg.MODEL.SOLOV2
+    _C.NUM_CLASSES = 80
+
+    # Kernel/category branch: one FPN level per grid. P2 is resized to half its size and P6 to
+    # P5's size before the head, hence the strides.
+    _C.INSTANCE_IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    _C.INSTANCE_STRIDES = [8, 8, 16, 32, 32]
+    _C.NUM_GRIDS = [40, 36, 24, 16, 12]
+    # Ranges of sqrt(box area) in input pixels; they overlap, so an instance can be positive on
+    # two levels.
+    _C.SCALE_RANGES = [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]]
+    # Positive region: half-extents 0.5 * SIGMA * (w, h) around the mask's centre of mass.
+    _C.SIGMA = 0.2
+    _C.INSTANCE_IN_CHANNELS = 256
+    _C.INSTANCE_CHANNELS = 512
+    _C.NUM_INSTANCE_CONVS = 4
+    # Side of the dynamic kernel predicted per cell; each has MASK_DIM * k * k weights.
+    _C.DYNAMIC_KERNEL_SIZE = 1
+    _C.NORM = "GN"
+    # Two normalised (x, y) channels on the kernel branch's input and the mask branch's
+    # deepest level.
+    _C.USE_COORD_CONV = True
+    _C.PRIOR_PROB = 0.01
+
+    # Mask-feature branch: P2..P5 to one map at stride 4 with MASK_DIM (E) channels.
+    _C.MASK_IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    _C.MASK_CHANNELS = 128
+    _C.MASK_DIM = 256
+
+    # Deformable convolutions (DCNv2) in the heads. Backbone stages use detectron2's keys
+    # MODEL.RESNETS.DEFORM_ON_PER_STAGE / DEFORM_MODULATED / DEFORM_NUM_GROUPS.
+    _C.DCN_IN_TOWER = "none"  # "none", "last" (last conv of each tower) or "all"
+    _C.DCN_IN_MASK_BRANCH = False
+
+    # Losses.
+    _C.FOCAL_LOSS_ALPHA = 0.25
+    _C.FOCAL_LOSS_GAMMA = 2.0
+    _C.FOCAL_LOSS_WEIGHT = 1.0
+    _C.DICE_LOSS_WEIGHT = 3.0
+
+    # Inference.
+    _C.SCORE_THRESH_TEST = 0.1
+    # Cells kept (by category score) before their masks are computed: bounds memory and time
+    # by the config, whatever the image.
+    _C.MAX_MASK_CANDIDATES = 500
+    _C.MASK_THRESH_TEST = 0.5
+    _C.PRE_NMS_TOPK_TEST = 500
+    _C.NMS_KERNEL = "gaussian"  # or "linear"
+    _C.NMS_SIGMA = 2.0
+    _C.UPDATE_THRESH_TEST = 0.05
+    _C.MAX_PER_IMAGE_TEST = 100
+
+
+def check_solov2_config(cfg):
+    """Raise ValueError naming the keys when SOLOv2 settings disagree with each other."""
+    c = cfg.MODEL.SOLOV2
+    num_levels = len(c.INSTANCE_IN_FEATURES)
+    for key in ("INSTANCE_STRIDES", "NUM_GRIDS", "SCALE_RANGES"):
+        if len(c[key]) != num_levels:
+            raise ValueError(
+                f"MODEL.SOLOV2.{key} has {len(c[key])} entries but "
+                f"MODEL.SOLOV2.INSTANCE_IN_FEATURES has {num_levels} levels "
+                f"({list(c.INSTANCE_IN_FEATURES)}): give one per level."
+            )
+    for i, rng in enumerate(c.SCALE_RANGES):
+        if len(rng) != 2 or not 0 <= rng[0] < rng[1]:
+            raise ValueError(
+                f"MODEL.SOLOV2.SCALE_RANGES[{i}] = {list(rng)} must be [low, high] "
+                "with 0 <= low < high."
+            )
+    if num_levels < 1 or len(c.MASK_IN_FEATURES) < 1:
+        raise ValueError(
+            "MODEL.SOLOV2.INSTANCE_IN_FEATURES and MODEL.SOLOV2.MASK_IN_FEATURES must not be empty."
+        )
+    if c.DCN_IN_TOWER not in ("none", "last", "all"):
+        raise ValueError(
+            f"MODEL.SOLOV2.DCN_IN_TOWER = {c.DCN_IN_TOWER!r}; expected 'none', 'last' or 'all'."
+        )
+    if c.NMS_KERNEL not in ("gaussian", "linear"):
+        raise ValueError(
+            f"MODEL.SOLOV2.NMS_KERNEL = {c.NMS_KERNEL!r}; expected 'gaussian' or 'linear'."
+        )
+    if c.DYNAMIC_KERNEL_SIZE < 1 or c.DYNAMIC_KERNEL_SIZE % 2 == 0:
+        raise ValueError(
+            f"MODEL.SOLOV2.DYNAMIC_KERNEL_SIZE = {c.DYNAMIC_KERNEL_SIZE}; expected an odd size."
+        )

@@ -1,0 +1,428 @@
+"""Matrix NMS (SOLOv2), label-aware, for one image or a padded batch of images.
+
+Semantics, the same as in the SOLOv2 code bases (mmdetection's ``mask_matrix_nms``): per image,
+the candidates are sorted by descending score (stable: ties keep their input order). With binary
+masks m_i of areas a_i (pixel counts), for i < j (i scores higher):
+
+* iou_ij = |m_i & m_j| / (a_i + a_j - |m_i & m_j|) if labels i and j are equal, else 0;
+* comp_i = max over k < i of iou_ki (0 if there is none): how much i was itself suppressed;
+* gaussian kernel: ratio_ij = exp(-sigma * iou_ij^2) / exp(-sigma * comp_i^2);
+  linear kernel: ratio_ij = (1 - iou_ij) / max(1 - comp_i, eps);
+* decay_j = min(1, min over i < j with the label of j of ratio_ij), new score s_j * decay_j.
+
+Then the candidates with decayed score >= ``score_thresh`` are kept, sorted by decayed score
+(stable), and cut to ``max_per_image``. An optional ``pre_nms_topk`` keeps the top candidates by
+input score before all of this.
+
+Speed. The reference implementations compute all N x N intersections with one float matrix
+product over whole masks. Here, the only pairs whose intersection is computed are pairs of the
+same image and label whose bounding boxes are connected through overlapping boxes, and only inside
+their union box. Pairs outside these groups have IoU 0, so ratio_ij >= 1 and they cannot change
+any decay. Candidates are grouped into connected components of the graph "same image, same
+label, overlapping boxes"; each component's masks are cropped to the component's box, and the
+components are batched by size (powers of two of member count and box area) into float
+batched matrix products, in chunks of bounded memory. Products of 0/1 values summed in float32
+are exact below 2^24 pixels, so the IoUs are bit-identical to the dense formulation.
+
+Device transfers: the shapes of this work depend on the data, so the work plan (component
+counts and sizes per size class) is read to the host once per call, and the component labelling
+checks its convergence on the host (one read per propagation round, usually two). Everything else
+runs on the input device without host reads; :func:`batched_matrix_nms` returns padded tensors of
+a data-independent shape.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["MatrixNMSResult", "matrix_nms", "batched_matrix_nms"]
+
+# A linear-kernel denominator 1 - comp_i is 0 exactly when mask i duplicates a higher-scored mask
+# of its class. Clamping it makes ratio_ij = 0 when mask j is that same mask again (iou_ij = 1)
+# and >= 1 otherwise, the limit of the formula, instead of 0 / 0 = NaN.
+_LINEAR_EPS = 1e-6
+# The most words (members x box words) cropped at once; a chunk holds 8 float32 per word, so
+# this bounds its memory to 32 * _CHUNK_WORDS bytes.
+_CHUNK_WORDS = 1 << 19
+# A byte lane of an int64 word can sum this many 0/1 bytes without carrying into the next lane.
+_MAX_BYTE_SUM_ROWS = 255
+
+
+class MatrixNMSResult(NamedTuple):
+    """Padded per-image results of :func:`batched_matrix_nms`, each [B, K].
+
+    scores: decayed scores (dtype of the input scores), descending within an image.
+    labels: int64 labels.
+    keep: int64 indices of the kept candidates into the input's N.
+    valid: bool, True for kept candidates. They come first in each row; the other entries are
+        padding, with score 0, label -1 and an in-range (meaningless) keep index, so that
+        gathers with ``keep`` always work.
+    """
+
+    scores: torch.Tensor
+    labels: torch.Tensor
+    keep: torch.Tensor
+    valid: torch.Tensor
+
+
+def matrix_nms(
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    kernel: str = "gaussian",
+    sigma: float = 2.0,
+    score_thresh: float = 0.0,
+    pre_nms_topk: int = -1,
+    max_per_image: int = -1,
+    mask_areas: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Matrix NMS of one image (see the module docstring for the exact semantics).
+
+    Args:
+        masks: bool [N, H, W] binary masks.
+        labels: int64 [N] class labels.
+        scores: float [N] scores, in any order.
+        kernel: "gaussian" or "linear".
+        sigma: gaussian kernel parameter (the code bases' 2.0 is the paper's 0.5).
+        score_thresh: keep candidates whose decayed score is >= this.
+        pre_nms_topk: if > 0, only the top `pre_nms_topk` candidates by score enter the NMS.
+        max_per_image: if > 0, keep at most this many candidates.
+        mask_areas: optional [N] pixel counts of the masks (computed if None).
+    Returns:
+        scores (float [K], decayed, descending), labels (int64 [K]) and keep (int64 [K], indices
+        into the inputs) of the kept candidates. K depends on the data, so this reads one count
+        to the host; :func:`batched_matrix_nms` returns padded results without that.
+    """
+    result = batched_matrix_nms(
+        masks[None],
+        labels[None],
+        scores[None],
+        torch.ones_like(labels, dtype=torch.bool)[None],
+        kernel=kernel,
+        sigma=sigma,
+        score_thresh=score_thresh,
+        pre_nms_topk=pre_nms_topk,
+        max_per_image=max_per_image,
+        mask_areas=None if mask_areas is None else mask_areas[None],
+    )
+    valid = result.valid[0]
+    return result.scores[0][valid], result.labels[0][valid], result.keep[0][valid]
+
+
+def batched_matrix_nms(
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    kernel: str = "gaussian",
+    sigma: float = 2.0,
+    score_thresh: float = 0.0,
+    pre_nms_topk: int = -1,
+    max_per_image: int = -1,
+    mask_areas: Optional[torch.Tensor] = None,
+) -> MatrixNMSResult:
+    """Matrix NMS of B images in one call, each image independent of the others.
+
+    Args:
+        masks: bool [B, N, H, W] binary masks, candidates padded to N per image.
+        labels: int64 [B, N].
+        scores: float [B, N], in any order.
+        valid: bool [B, N], False for padding entries. They never decay another candidate and
+            are never kept; `pre_nms_topk` and `max_per_image` count valid candidates only.
+        mask_areas: optional [B, N] pixel counts of the masks (computed if None).
+        The other arguments are those of :func:`matrix_nms`, per image.
+    Returns:
+        :class:`MatrixNMSResult` of [B, K] tensors, K = N' or min(N', max_per_image) when
+        max_per_image > 0, where N' = min(N, pre_nms_topk) when pre_nms_topk > 0 else N.
+    """
+    if kernel not in ("gaussian", "linear"):
+        raise ValueError(f"Unknown Matrix NMS kernel {kernel!r}, expected 'gaussian' or 'linear'.")
+    if masks.dtype != torch.bool:
+        raise ValueError(f"masks must be bool, got {masks.dtype}.")
+    num_images, num_inputs = scores.shape
+    index_offsets = torch.arange(num_images, device=scores.device)[:, None] * num_inputs
+
+    order = _sort_descending(scores.masked_fill(~valid, float("-inf")))
+    if 0 < pre_nms_topk < num_inputs:
+        order = order[:, :pre_nms_topk]
+    inputs = order + index_offsets  # [B, N'], into the flattened B * N inputs
+    cand_scores = scores.flatten()[inputs]
+    cand_labels = labels.flatten()[inputs]
+    cand_valid = valid.flatten()[inputs]
+    areas = None if mask_areas is None else mask_areas.flatten()[inputs]
+
+    decay = _decay_factors(masks.flatten(0, 1), inputs, cand_labels, cand_valid, areas, kernel,
+                           sigma)
+    decayed = cand_scores * decay.to(cand_scores.dtype)
+
+    kept = cand_valid & (decayed >= score_thresh)
+    rank = _sort_descending(decayed.masked_fill(~kept, float("-inf")))
+    if 0 < max_per_image < rank.shape[1]:
+        rank = rank[:, :max_per_image]
+    kept = kept.gather(1, rank)
+    return MatrixNMSResult(
+        scores=decayed.gather(1, rank).masked_fill(~kept, 0),
+        labels=cand_labels.gather(1, rank).masked_fill(~kept, -1),
+        keep=order.gather(1, rank),
+        valid=kept,
+    )
+
+
+def _sort_descending(values: torch.Tensor) -> torch.Tensor:
+    """Indices (int64, same shape) sorting the last dim of `values` descending, ties in order."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices
+
+
+def _decay_factors(masks, inputs, labels, valid, areas, kernel, sigma) -> torch.Tensor:
+    """Matrix NMS decay of each candidate.
+
+    Args:
+        masks: bool [B * N, H, W], all input masks.
+        inputs: int64 [B, N'], the candidates of each image as indices into `masks`, in
+            descending score order.
+        labels: int64 [B, N'] and valid: bool [B, N'], of the candidates.
+        areas: None, or [B, N'] pixel counts of the candidates.
+    Returns:
+        float32 [B, N'] decay factors in [0, 1] (1 for invalid candidates).
+    """
+    num_images, num_cands = inputs.shape
+    if num_cands == 0:
+        return torch.ones(inputs.shape, device=inputs.device)
+    words = _mask_words(masks)
+    height, row_words = words.shape[1:]
+    boxes = _mask_boxes(words)[inputs]  # [B, N', 4]
+    graph = _box_graph(boxes, labels, valid & (boxes[..., 2] >= 0))
+    roots = _connected_components(graph) + num_cands * torch.arange(
+        num_images, device=inputs.device
+    )[:, None]
+    word_boxes = torch.cat([boxes[..., :1], boxes[..., 1:2] // 8, boxes[..., 2:3],
+                            boxes[..., 3:] // 8], dim=-1)
+    components = _Components(roots.flatten(), word_boxes.flatten(0, 1))
+
+    flat_words = words.view(words.shape[0], height * row_words)
+    flat_inputs = inputs.flatten()
+    flat_areas = None if areas is None else areas.flatten()
+    decay = torch.ones(num_images * num_cands, device=inputs.device)
+    for chunk in components.chunks(num_cands, height * row_words):
+        members, member_ok = components.members(chunk)
+        crops = _crop(flat_words, flat_inputs[members], components, chunk, row_words)
+        chunk_decay = _component_decay(
+            crops, member_ok, None if flat_areas is None else flat_areas[members], kernel, sigma
+        )
+        decay = decay * _scatter_padded(chunk_decay, members, member_ok, decay.shape[0])
+    return decay.view(num_images, num_cands)
+
+
+def _mask_words(masks: torch.Tensor) -> torch.Tensor:
+    """int64 [M, H, ceil(W / 8)]: bool masks [M, H, W] read 8 pixels at a time (bytes 0 or 1,
+    rows padded with False to a multiple of 8 pixels). Reducing and gathering words moves 8 times
+    fewer elements than bool pixels."""
+    if masks.shape[-1] % 8:
+        masks = F.pad(masks, (0, -masks.shape[-1] % 8))
+    return masks.contiguous().view(torch.uint8).view(torch.int64)
+
+
+def _mask_boxes(words: torch.Tensor) -> torch.Tensor:
+    """Inclusive pixel boxes (y0, x0, y1, x1), int64 [M, 4], of masks given as words (see
+    :func:`_mask_words`); an empty mask gets (H, W', -1, -1), W' the padded width.
+
+    This reads every pixel, so it is the part of the NMS whose cost grows with N * H * W.
+    """
+    num_masks, height, row_words = words.shape
+    # Each byte is 0 or 1, so words are >= 0 and a row has a pixel iff its largest word is > 0.
+    rows = words.amax(dim=2) > 0
+    cols = torch.zeros((num_masks, row_words * 8), dtype=torch.bool, device=words.device)
+    for start in range(0, height, _MAX_BYTE_SUM_ROWS):
+        # Summing words sums each byte lane separately (no carries below 256): column counts.
+        counts = words[:, start : start + _MAX_BYTE_SUM_ROWS].sum(dim=1)
+        cols |= counts.view(torch.uint8) > 0
+    y0, y1 = _first_last(rows)
+    x0, x1 = _first_last(cols)
+    return torch.stack([y0, x0, y1, x1], dim=1)
+
+
+def _first_last(flags: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """First and last True index along the last dim of bool [M, L] (int64 [M]); L and -1 for a
+    row with no True."""
+    length = flags.shape[1]
+    index = torch.arange(length, device=flags.device)
+    first = torch.where(flags, index, length).amin(dim=1)
+    last = torch.where(flags, index, -1).amax(dim=1)
+    return first, last
+
+
+def _box_graph(boxes: torch.Tensor, labels: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """bool [B, N, N]: candidates i and j are both active, of the same label and their boxes
+    share a pixel. `boxes`: int64 [B, N, 4] inclusive (y0, x0, y1, x1)."""
+    y0, x0, y1, x1 = boxes.unbind(dim=-1)
+    graph = (labels[:, :, None] == labels[:, None, :]) & active[:, :, None] & active[:, None, :]
+    graph &= (y0[:, :, None] <= y1[:, None, :]) & (y0[:, None, :] <= y1[:, :, None])
+    graph &= (x0[:, :, None] <= x1[:, None, :]) & (x0[:, None, :] <= x1[:, :, None])
+    return graph
+
+
+def _connected_components(graph: torch.Tensor) -> torch.Tensor:
+    """int64 [B, N]: for each node of the undirected graphs bool [B, N, N], the smallest node
+    index of its connected component."""
+    num_nodes = graph.shape[-1]
+    roots = torch.arange(num_nodes, device=graph.device).expand(graph.shape[:-1])
+    while True:
+        # Hook each node to its smallest neighbouring root, then jump to the root's root.
+        # Roots only decrease and stay inside the component; at the fixed point they are equal
+        # across every edge, hence the component minimum.
+        neighbour = torch.where(graph, roots[:, None, :], num_nodes).amin(dim=2)
+        new_roots = torch.minimum(roots, neighbour)
+        new_roots = new_roots.gather(1, new_roots)
+        if torch.equal(new_roots, roots):
+            return roots
+        roots = new_roots
+
+
+class _Chunk(NamedTuple):
+    """Components cropped and multiplied together: `ids` int64 [G] (component ids), padded to
+    `size` members and `area` box words."""
+
+    ids: torch.Tensor
+    size: int
+    area: int
+
+
+class _Components:
+    """Candidates grouped into components; lays out the cropping work.
+
+    Args:
+        roots: int64 [M], component id of each candidate (the flat index of its smallest member).
+        boxes: int64 [M, 4], inclusive (y0, x0, y1, x1) boxes of the candidates, x in 8-pixel
+            words.
+    """
+
+    def __init__(self, roots: torch.Tensor, boxes: torch.Tensor):
+        num = roots.shape[0]
+        self.size = torch.zeros(num, dtype=torch.int64, device=roots.device).index_add_(
+            0, roots, torch.ones_like(roots)
+        )
+        # Members sorted by component; the stable sort keeps the score order inside each one.
+        self.by_component = torch.sort(roots, stable=True).indices
+        self.start = torch.cumsum(self.size, 0) - self.size
+        # Union boxes, at the roots (every root is its own member, so include_self is moot).
+        index = roots[:, None].expand(-1, 2)
+        self.box = torch.cat(
+            [
+                boxes[:, :2].scatter_reduce(0, index, boxes[:, :2], "amin", include_self=False),
+                boxes[:, 2:].scatter_reduce(0, index, boxes[:, 2:], "amax", include_self=False),
+            ],
+            dim=1,
+        )
+        self.height = self.box[:, 2] - self.box[:, 0] + 1
+        self.width = self.box[:, 3] - self.box[:, 1] + 1
+
+    def chunks(self, max_size: int, max_area: int):
+        """Yield the components of 2+ members as :class:`_Chunk`s of similar sizes (member
+        counts up to `max_size`, box areas in words up to `max_area`).
+
+        Components are binned by ceil(log2) of their member count and of their box area, so
+        padding a bin to its largest member count and area wastes at most a factor 2 each; large
+        bins are split to hold at most `_CHUNK_WORDS` members x words. This reads the bin
+        statistics to the host (the one transfer of the plan).
+        """
+        size_bins = max(max_size - 1, 1).bit_length() + 1
+        area_bins = max(max_area - 1, 1).bit_length() + 1
+        multi = self.size >= 2
+        area = self.height * self.width
+        bins = torch.where(
+            multi, _ceil_log2(self.size) * area_bins + _ceil_log2(area), size_bins * area_bins
+        )
+        num_bins = size_bins * area_bins + 1
+        stats = torch.stack(
+            [
+                torch.zeros(num_bins, dtype=torch.int64, device=bins.device).index_add_(
+                    0, bins, multi.long()
+                ),
+                _bin_max(bins, self.size, num_bins),
+                _bin_max(bins, area, num_bins),
+            ]
+        )[:, :-1]
+        by_bin = torch.sort(bins, stable=True).indices
+        start = 0
+        for count, size, area in zip(*stats.tolist()):
+            per_chunk = max(1, _CHUNK_WORDS // (size * area)) if count else 1
+            for offset in range(start, start + count, per_chunk):
+                yield _Chunk(by_bin[offset : min(offset + per_chunk, start + count)], size, area)
+            start += count
+
+    def members(self, chunk: _Chunk) -> Tuple[torch.Tensor, torch.Tensor]:
+        """int64 [G, S] candidate indices of the chunk's components in score order, padded to
+        S = chunk.size by repeating the last member; bool [G, S], False for padding."""
+        rank = torch.arange(chunk.size, device=chunk.ids.device)
+        size = self.size[chunk.ids][:, None]
+        member_ok = rank < size
+        position = self.start[chunk.ids][:, None] + torch.minimum(rank, size - 1)
+        return self.by_component[position], member_ok
+
+
+def _ceil_log2(values: torch.Tensor) -> torch.Tensor:
+    """int64 ceil(log2(v)) of int64 values >= 1, exactly (0 for 1)."""
+    return torch.frexp((values - 1).double()).exponent.long()
+
+
+def _bin_max(bins: torch.Tensor, values: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """int64 [num_bins]: the largest of `values` in each bin, 0 for an empty bin."""
+    return values.new_zeros(num_bins).scatter_reduce(0, bins, values, reduce="amax")
+
+
+def _crop(flat_words, mask_index, components: _Components, chunk: _Chunk, row_words: int):
+    """float32 [G, S, 8 * A]: the 0/1 masks of a chunk's components inside each component's box.
+
+    A box of h rows x w words is flattened to its first h * w words; the remaining words
+    (padding to A = chunk.area) are 0. Pixels of the box's words outside the box itself are 0
+    for every member, which all lie inside the box. `flat_words`: int64 [M, H * row_words], see
+    :func:`_mask_words`; `mask_index`: int64 [G, S] rows of `flat_words`.
+    """
+    ids = chunk.ids
+    word = torch.arange(chunk.area, device=ids.device)
+    box_width = components.width[ids][:, None]
+    inside = word < (components.height[ids] * components.width[ids])[:, None]
+    y = components.box[ids, 0][:, None] + word // box_width
+    x = components.box[ids, 1][:, None] + word % box_width
+    offset = torch.where(inside, y * row_words + x, 0)  # [G, A]
+    crops = flat_words[mask_index[:, :, None], offset[:, None, :]]
+    return torch.where(inside[:, None, :], crops, 0).view(torch.uint8).float()
+
+
+def _component_decay(crops, member_ok, areas, kernel: str, sigma: float) -> torch.Tensor:
+    """Matrix NMS decay inside components.
+
+    Args:
+        crops: float32 [G, S, A] 0/1 masks of G components, members in descending score order.
+        member_ok: bool [G, S], False for padding members.
+        areas: None (use the crops' pixel counts) or [G, S] mask areas.
+    Returns:
+        float32 [G, S] decay factors (meaningless for padding).
+    """
+    inter = torch.bmm(crops, crops.transpose(1, 2))  # exact counts: 0/1 products, < 2^24
+    areas = inter.diagonal(dim1=1, dim2=2) if areas is None else areas.float()
+    union = areas[:, :, None] + areas[:, None, :] - inter
+    size = member_ok.shape[1]
+    # pairs (i, j), i < j: i scores higher; j must be a real member (then so is i).
+    pairs = torch.ones(size, size, dtype=torch.bool, device=crops.device).triu(1)
+    pairs = pairs & member_ok[:, None, :]
+    iou = torch.where(pairs, inter / union, 0)
+    comp = iou.amax(dim=1)[:, :, None]  # [G, S, 1], comp_i along rows
+    if kernel == "gaussian":
+        ratio = torch.exp(-sigma * iou**2) / torch.exp(-sigma * comp**2)
+    else:
+        ratio = (1 - iou) / (1 - comp).clamp(min=_LINEAR_EPS)
+    # Rows i >= j are not pairs and count as 1, which caps the decay at 1.
+    return torch.where(pairs, ratio, 1).amin(dim=1)
+
+
+def _scatter_padded(values, index, ok, length: int) -> torch.Tensor:
+    """float32 [length]: `values` [G, S] at `index` [G, S] where `ok`, 1 elsewhere.
+
+    Padding entries go to distinct slots past `length`, so no index repeats (deterministic).
+    """
+    spare = length + torch.arange(index.numel(), device=index.device).view(index.shape)
+    out = torch.ones(length + index.numel(), device=values.device)
+    return out.scatter_(0, torch.where(ok, index, spare).flatten(), values.flatten())[:length]

@@ -1,0 +1,263 @@
+"""The SOLOv2 meta-architecture: backbone + FPN, kernel/category head, mask-feature head."""
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.structures import ImageList, Instances
+
+from .config import check_solov2_config
+from .heads import SOLOv2InstanceHead, SOLOv2MaskHead, dynamic_mask_logits, flatten_levels
+from .losses import category_focal_loss, dice_loss
+from .postprocess import SOLOv2PostProcessor
+from .targets import assign_targets
+
+__all__ = ["SOLOv2"]
+
+
+@META_ARCH_REGISTRY.register()
+class SOLOv2(nn.Module):
+    """SOLOv2 (Wang et al., "SOLOv2: Dynamic and Fast Instance Segmentation", NeurIPS 2020).
+
+    In training, `forward` returns the losses `loss_cate` and `loss_mask`; in inference, one
+    `{"instances": Instances}` per image with `pred_masks`, `scores`, `pred_classes` and
+    `pred_boxes`, as detectron2's evaluators and `DefaultPredictor` expect.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        ins_head: nn.Module,
+        mask_head: nn.Module,
+        postprocessor: SOLOv2PostProcessor,
+        instance_in_features: Sequence[str],
+        instance_resize_to: Sequence[Optional[str]],
+        mask_in_features: Sequence[str],
+        num_grids: Sequence[int],
+        scale_ranges: Sequence[Sequence[float]],
+        sigma: float,
+        num_classes: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        focal_weight: float = 1.0,
+        dice_weight: float = 3.0,
+    ):
+        """
+        Args:
+            backbone: a detectron2 backbone whose outputs include the features named below.
+            ins_head: the kernel/category head (:class:`SOLOv2InstanceHead`).
+            mask_head: the mask-feature head (:class:`SOLOv2MaskHead`).
+            postprocessor: inference from head outputs (:class:`SOLOv2PostProcessor`).
+            instance_in_features: backbone features of the kernel/category branch, one per level.
+            instance_resize_to: per level, None or the name of the backbone feature whose size
+                the level is resized to (SOLOv2 halves P2 and brings P6 to P5's size).
+            mask_in_features: backbone features of the mask branch, finest first.
+            num_grids, scale_ranges, sigma: target assignment (see :func:`assign_targets`).
+            num_classes: number of categories.
+            pixel_mean, pixel_std: input normalisation, in the channel order of the input.
+            focal_alpha, focal_gamma, focal_weight: category loss.
+            dice_weight: weight of the mask (Dice) loss.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.ins_head = ins_head
+        self.mask_head = mask_head
+        self.postprocessor = postprocessor
+        self.instance_in_features = list(instance_in_features)
+        self.instance_resize_to = list(instance_resize_to)
+        self.mask_in_features = list(mask_in_features)
+        self.num_grids = list(num_grids)
+        self.scale_ranges = [tuple(r) for r in scale_ranges]
+        self.sigma = sigma
+        self.num_classes = num_classes
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.focal_weight = focal_weight
+        self.dice_weight = dice_weight
+        self.mask_stride = backbone.output_shape()[self.mask_in_features[0]].stride
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        check_solov2_config(cfg)
+        c = cfg.MODEL.SOLOV2
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        for key in ("INSTANCE_IN_FEATURES", "MASK_IN_FEATURES"):
+            missing = [f for f in c[key] if f not in shapes]
+            if missing:
+                raise ValueError(
+                    f"MODEL.SOLOV2.{key} names {missing}, which the backbone "
+                    f"({cfg.MODEL.BACKBONE.NAME}) does not output; it has {sorted(shapes)}."
+                )
+        by_stride = {s.stride: name for name, s in shapes.items()}
+        resize_to = []
+        for name, stride in zip(c.INSTANCE_IN_FEATURES, c.INSTANCE_STRIDES):
+            if shapes[name].stride == stride:
+                resize_to.append(None)
+            elif stride in by_stride:
+                resize_to.append(by_stride[stride])
+            else:
+                raise ValueError(
+                    f"MODEL.SOLOV2.INSTANCE_STRIDES asks for stride {stride} for {name}, but no "
+                    f"backbone feature has that stride ({ {n: s.stride for n, s in shapes.items()} })."
+                )
+        mask_strides = [shapes[f].stride for f in c.MASK_IN_FEATURES]
+        if any(b != 2 * a for a, b in zip(mask_strides, mask_strides[1:])):
+            raise ValueError(
+                f"MODEL.SOLOV2.MASK_IN_FEATURES {list(c.MASK_IN_FEATURES)} have strides "
+                f"{mask_strides}; each level must have twice the stride of the previous one."
+            )
+        return {
+            "backbone": backbone,
+            "ins_head": SOLOv2InstanceHead(cfg, [shapes[f] for f in c.INSTANCE_IN_FEATURES]),
+            "mask_head": SOLOv2MaskHead(cfg, [shapes[f] for f in c.MASK_IN_FEATURES]),
+            "postprocessor": SOLOv2PostProcessor(cfg, mask_stride=mask_strides[0]),
+            "instance_in_features": c.INSTANCE_IN_FEATURES,
+            "instance_resize_to": resize_to,
+            "mask_in_features": c.MASK_IN_FEATURES,
+            "num_grids": c.NUM_GRIDS,
+            "scale_ranges": c.SCALE_RANGES,
+            "sigma": c.SIGMA,
+            "num_classes": c.NUM_CLASSES,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "focal_alpha": c.FOCAL_LOSS_ALPHA,
+            "focal_gamma": c.FOCAL_LOSS_GAMMA,
+            "focal_weight": c.FOCAL_LOSS_WEIGHT,
+            "dice_weight": c.DICE_LOSS_WEIGHT,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: per image, a dict as produced by detectron2's `DatasetMapper`:
+                "image": uint8/float [C, H, W] in the model's input format; in training
+                "instances" with `gt_boxes`, `gt_classes` and `gt_masks` (polygons or
+                bitmasks); optional "height", "width": the output size in inference.
+        Returns:
+            training: dict of scalar losses; inference: list of {"instances": Instances}.
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        cate_logits, kernels = self.ins_head(self._instance_features(features))
+        mask_features = self.mask_head([features[f] for f in self.mask_in_features])
+
+        if self.training:
+            if "instances" not in batched_inputs[0]:
+                raise ValueError("SOLOv2 training needs 'instances' in every input dict.")
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            if not all(x.has("gt_masks") for x in gt_instances):
+                raise ValueError(
+                    "SOLOv2 training needs instance masks: set MODEL.MASK_ON True so that "
+                    "DatasetMapper keeps the 'segmentation' of each annotation."
+                )
+            return self.losses(
+                cate_logits, kernels, mask_features, gt_instances, images.tensor.shape[-2:]
+            )
+
+        output_sizes = [
+            (x.get("height", size[0]), x.get("width", size[1]))
+            for x, size in zip(batched_inputs, images.image_sizes)
+        ]
+        results = self.postprocessor(
+            cate_logits, kernels, mask_features, images.image_sizes, output_sizes
+        )
+        return [{"instances": r} for r in results]
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalise, pad and batch the input images."""
+        images = []
+        for i, x in enumerate(batched_inputs):
+            image = x["image"].to(self.device)
+            channels = self.pixel_mean.shape[0]
+            if image.dim() != 3 or image.shape[0] not in (1, channels):
+                raise ValueError(
+                    f"Input {i}: image of shape {tuple(image.shape)}; expected [C, H, W] with "
+                    f"C = {channels} (in INPUT.FORMAT order) or 1 (grayscale, replicated). "
+                    "Convert 4-channel images first, e.g. cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)."
+                )
+            image = image.expand(channels, -1, -1)
+            images.append((image - self.pixel_mean) / self.pixel_std)
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    def _instance_features(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """The kernel/category branch's input per level, resized to the level's stride."""
+        out = []
+        for name, target in zip(self.instance_in_features, self.instance_resize_to):
+            x = features[name]
+            if target is not None:
+                size = features[target].shape[-2:]
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            out.append(x)
+        return out
+
+    def losses(
+        self,
+        cate_logits: List[torch.Tensor],
+        kernels: List[torch.Tensor],
+        mask_features: torch.Tensor,
+        gt_instances: List[Instances],
+        padded_size,
+    ) -> Dict[str, torch.Tensor]:
+        """Focal loss on every cell, Dice loss on the mask of every positive cell.
+
+        Args:
+            cate_logits, kernels: per level [B, C, S, S] and [B, D, S, S] from the head.
+            mask_features: [B, E, H_m, W_m].
+            gt_instances: per image, the ground truth.
+            padded_size: (H, W) of the padded batch.
+        """
+        targets = assign_targets(
+            gt_instances,
+            tuple(padded_size),
+            self.num_grids,
+            self.scale_ranges,
+            self.sigma,
+            self.num_classes,
+            self.mask_stride,
+        )
+        positive = targets.matched >= 0  # [B, T]
+        num_positive = positive.sum()
+        logits = flatten_levels(cate_logits)
+        loss_cate = category_focal_loss(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.labels.reshape(-1),
+            num_positive,
+            self.focal_alpha,
+            self.focal_gamma,
+        )
+
+        kernels = flatten_levels(kernels)  # [B, T, D]
+        per_image = positive.sum(dim=1)
+        max_per_image = int(per_image.max())  # host sync: the padded size of the mask batch
+        if max_per_image == 0:
+            # No positive cell in the batch: a zero that still reaches both branches, so every
+            # parameter gets a (zero) gradient and distributed training stays in step.
+            loss_mask = (kernels.sum() + mask_features.sum()) * 0.0
+        else:
+            # Positive cells of each image first (stable: in cell order), padded to the maximum.
+            cells = torch.argsort((~positive).to(torch.uint8), dim=1, stable=True)
+            cells = cells[:, :max_per_image]
+            valid = torch.arange(max_per_image, device=self.device) < per_image[:, None]
+            selected = kernels.gather(1, cells[..., None].expand(-1, -1, kernels.shape[2]))
+            mask_logits = dynamic_mask_logits(mask_features, selected)
+            instances = targets.matched.gather(1, cells).clamp(min=0)
+            per_mask = dice_loss(mask_logits, targets.masks[instances])
+            loss_mask = (per_mask * valid).sum() / valid.sum()
+        return {
+            "loss_cate": loss_cate * self.focal_weight,
+            "loss_mask": loss_mask * self.dice_weight,
+        }

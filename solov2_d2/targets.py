@@ -1,0 +1,186 @@
+"""SOLOv2 training targets: which grid cells are positive for which instance, and mask targets.
+
+Everything is computed for all instances of a batch at once, on the device of the inputs, with
+no host synchronisation: a Python loop runs over the (few) FPN levels only.
+"""
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from detectron2.structures import BitMasks, Instances, PolygonMasks
+
+__all__ = ["SOLOv2Targets", "assign_targets", "instance_masks", "downsample_masks"]
+
+
+@dataclass
+class SOLOv2Targets:
+    """Targets of a batch of B images over all T = sum(S_l^2) grid cells (levels concatenated,
+    each level's cells in row-major order).
+
+    Attributes:
+        labels: int64 [B, T]; the class of each cell's instance, `num_classes` for background.
+        matched: int64 [B, T]; index of each cell's instance into the batch's instances
+            (images concatenated in order), -1 for background.
+        masks: float [M, H/stride, W/stride]; the 0/1 mask target of each of the M instances,
+            at the mask feature's resolution.
+    """
+
+    labels: torch.Tensor
+    matched: torch.Tensor
+    masks: torch.Tensor
+
+
+def instance_masks(instances: Instances, padded_size: Tuple[int, int]) -> torch.Tensor:
+    """The instances' masks as bool [M, H, W], zero-padded to the batch's `padded_size`.
+
+    Accepts what detectron2's DatasetMapper produces for INPUT.MASK_FORMAT "polygon"
+    (PolygonMasks, rasterised here) and "bitmask" (BitMasks).
+    """
+    h, w = padded_size
+    gt_masks = instances.gt_masks
+    if isinstance(gt_masks, PolygonMasks):
+        masks = BitMasks.from_polygon_masks(gt_masks, h, w).tensor
+    elif isinstance(gt_masks, BitMasks):
+        masks = gt_masks.tensor
+    else:
+        raise TypeError(
+            f"gt_masks of type {type(gt_masks).__name__} is not supported: "
+            "expected PolygonMasks or BitMasks (INPUT.MASK_FORMAT 'polygon' or 'bitmask')."
+        )
+    masks = masks.to(device=instances.gt_classes.device, dtype=torch.bool)
+    return F.pad(masks, (0, w - masks.shape[2], 0, h - masks.shape[1]))
+
+
+def downsample_masks(masks: torch.Tensor, stride: int) -> torch.Tensor:
+    """Bilinear downsampling of 0/1 masks by an even integer `stride`, binarised at 0.5.
+
+    This is what the reference implementations do with OpenCV (`cv2.resize`, INTER_LINEAR, on
+    uint8 masks): with half-pixel centres, output pixel d samples input position
+    stride * d + (stride - 1) / 2, the midpoint of pixels stride * d + stride / 2 - 1 and
+    stride * d + stride / 2 in each direction, so the value is the mean of those 2 x 2 pixels;
+    OpenCV's rounding makes a mean of 0.5 a 1. Computed by slicing, so no float copy of the
+    full-resolution masks is made.
+
+    Args:
+        masks: bool [M, H, W], H and W divisible by `stride`.
+    Returns:
+        float [M, H / stride, W / stride] of 0 and 1.
+    """
+    m, h, w = masks.shape
+    if stride % 2 or h % stride or w % stride:
+        raise ValueError(
+            f"Masks of size {h}x{w} cannot be downsampled by stride {stride}: the stride must be "
+            "even and divide the padded size (check the backbone's size_divisibility)."
+        )
+    first = stride // 2 - 1
+    blocks = masks.view(m, h // stride, stride, w // stride, stride)
+    votes = blocks[:, :, first : first + 2, :, first : first + 2].sum(dim=(2, 4))
+    return (votes >= 2).float()
+
+
+def _centres_of_mass(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, x) centre of mass in pixel-index coordinates and area of bool [M, H, W] masks.
+
+    Integer sums keep it exact for any image size; the division is in float64.
+    """
+    _, h, w = masks.shape
+    rows = masks.sum(dim=2)  # [M, H]
+    cols = masks.sum(dim=1)  # [M, W]
+    area = rows.sum(dim=1)
+    ys = torch.arange(h, device=masks.device)
+    xs = torch.arange(w, device=masks.device)
+    denom = area.clamp(min=1).double()
+    return (rows * ys).sum(dim=1) / denom, (cols * xs).sum(dim=1) / denom, area
+
+
+def _level_claims(
+    cy: torch.Tensor,
+    cx: torch.Tensor,
+    half_h: torch.Tensor,
+    half_w: torch.Tensor,
+    padded_size: Tuple[int, int],
+    grid: int,
+) -> torch.Tensor:
+    """bool [M, S, S]: the cells each instance claims on a level with an S x S grid.
+
+    The centre cell is the one containing the centre of mass; the claimed region is the box of
+    the given half-extents around the centre, in cells, clipped to the centre cell's 3 x 3
+    neighbourhood.
+    """
+    cell_h = padded_size[0] / grid
+    cell_w = padded_size[1] / grid
+    row = torch.floor(cy / cell_h)
+    col = torch.floor(cx / cell_w)
+    top = torch.maximum(torch.floor((cy - half_h) / cell_h).clamp(min=0), row - 1)
+    bottom = torch.minimum(torch.floor((cy + half_h) / cell_h).clamp(max=grid - 1), row + 1)
+    left = torch.maximum(torch.floor((cx - half_w) / cell_w).clamp(min=0), col - 1)
+    right = torch.minimum(torch.floor((cx + half_w) / cell_w).clamp(max=grid - 1), col + 1)
+    cells = torch.arange(grid, device=cy.device, dtype=cy.dtype)
+    rows_in = (cells >= top[:, None]) & (cells <= bottom[:, None])  # [M, S]
+    cols_in = (cells >= left[:, None]) & (cells <= right[:, None])  # [M, S]
+    return rows_in[:, :, None] & cols_in[:, None, :]
+
+
+def assign_targets(
+    gt_instances: List[Instances],
+    padded_size: Tuple[int, int],
+    num_grids: Sequence[int],
+    scale_ranges: Sequence[Sequence[float]],
+    sigma: float,
+    num_classes: int,
+    mask_stride: int,
+) -> SOLOv2Targets:
+    """Assign ground-truth instances to grid cells as SOLOv2 defines it.
+
+    Per level, an instance takes part if sqrt(box area) lies in the level's scale range
+    (bounds included; ranges overlap, so it may be positive on two levels). Its positive cells
+    are given by :func:`_level_claims`. When instances of one image claim the same cell, the
+    one listed last wins, as in the reference implementations. Instances with an empty mask are
+    not assigned (their centre is undefined).
+
+    Args:
+        gt_instances: per image, with `gt_boxes` (input pixels), `gt_classes` and `gt_masks`.
+        padded_size: (H, W) of the padded batch; cells are laid over it.
+        num_grids: S per level.
+        scale_ranges: (low, high) of sqrt(box area) per level.
+        sigma: the centre region's scale.
+        num_classes: label of background cells.
+        mask_stride: stride of the mask feature, for the mask targets.
+    """
+    device = gt_instances[0].gt_classes.device
+    num_images = len(gt_instances)
+    counts = torch.tensor([len(x) for x in gt_instances], device=device)
+    image_index = torch.repeat_interleave(torch.arange(num_images, device=device), counts)
+    labels = torch.cat([x.gt_classes for x in gt_instances])
+    boxes = torch.cat([x.gt_boxes.tensor for x in gt_instances]).double()
+    masks = torch.cat([instance_masks(x, padded_size) for x in gt_instances])
+
+    cy, cx, area = _centres_of_mass(masks)
+    widths = boxes[:, 2] - boxes[:, 0]
+    heights = boxes[:, 3] - boxes[:, 1]
+    scale = torch.sqrt(widths * heights)
+    half_w = 0.5 * sigma * widths
+    half_h = 0.5 * sigma * heights
+    instance_ids = torch.arange(len(labels), device=device)
+
+    matched = []
+    for grid, (low, high) in zip(num_grids, scale_ranges):
+        active = (scale >= low) & (scale <= high) & (area > 0)
+        claims = _level_claims(cy, cx, half_h, half_w, padded_size, grid)
+        claims = claims.view(-1, grid * grid) & active[:, None]
+        # Instances are ordered image by image, so the largest claiming index of an image is
+        # the one listed last for it.
+        candidate = torch.where(claims, instance_ids[:, None], -1)
+        owner = torch.full((num_images, grid * grid), -1, dtype=torch.long, device=device)
+        owner.scatter_reduce_(
+            0, image_index[:, None].expand_as(candidate), candidate, reduce="amax"
+        )
+        matched.append(owner)
+    matched = torch.cat(matched, dim=1)
+    # Index -1 (background) picks the appended background label.
+    cell_labels = torch.cat([labels, labels.new_full((1,), num_classes)])[matched]
+    return SOLOv2Targets(
+        labels=cell_labels, matched=matched, masks=downsample_masks(masks, mask_stride)
+    )
