@@ -9,12 +9,19 @@ times and the largest difference of the decayed scores; `--json PATH` also write
     python bench/bench_matrix_nms.py            # N = 100, 500, 1000
     python bench/bench_matrix_nms.py --quick    # small and fast, for CI
     python bench/bench_matrix_nms.py --device cuda
+
+On a machine whose cores are busy with other processes, OpenMP worker threads that spin while
+waiting (by default GNU OpenMP's threads spin for a while after each parallel region) take CPU
+from the main thread; many small ops then slow down far more than one large matrix product.
+Run with `--threads 1` or `OMP_WAIT_POLICY=PASSIVE` there.
 """
 import argparse
 import json
 import math
+import os
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -101,19 +108,23 @@ def _shift(masks, shifts):
     return out
 
 
-def median_ms(fn, device, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    times = []
+def median_ms(fns, device, warmup, repeats):
+    """Median wall time in ms of each of `fns`, called in turn in every repeat, so that both see
+    the same machine load."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for fn, fn_times in zip(fns, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            fn_times.append((time.perf_counter() - start) * 1000)
+    return [statistics.median(t) for t in times]
 
 
 def run_case(num, args, device):
@@ -123,8 +134,13 @@ def run_case(num, args, device):
     ours = matrix_nms(masks, labels, scores)
     same_order = torch.equal(dense[2], ours[2]) and torch.equal(dense[1], ours[1])
     max_diff = (dense[0] - ours[0]).abs().max().item() if same_order else float("inf")
-    dense_ms = median_ms(lambda: dense_matrix_nms(masks, labels, scores), device, 1, args.repeats)
-    ours_ms = median_ms(lambda: matrix_nms(masks, labels, scores), device, 1, args.repeats)
+    inputs = (masks, labels, scores)
+    dense_ms, ours_ms = median_ms(
+        [partial(dense_matrix_nms, *inputs), partial(matrix_nms, *inputs)],
+        device,
+        warmup=1,
+        repeats=args.repeats,
+    )
     return {
         "N": num,
         "dense_ms": dense_ms,
@@ -137,7 +153,7 @@ def run_case(num, args, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="N = 100 only, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="for CI: N = 100, 3 repeats")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op CPU threads")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500, 1000])
@@ -157,6 +173,7 @@ def main():
     print(
         f"Matrix NMS, gaussian, masks {args.height}x{args.width}, {args.objects} objects, "
         f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
         f"median of {args.repeats}\n"
     )
     print("| N | dense ms | ours ms | speed-up | same keep & labels | max abs diff |")
@@ -167,9 +184,16 @@ def main():
             f"{'yes' if r['same_keep_and_labels'] else 'NO'} | {r['max_abs_diff']:.2e} |"
         )
     if args.json:
-        meta = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+        config = dict(
+            vars(args),
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+        )
         with open(args.json, "w") as f:
-            json.dump({"config": {**vars(args), **meta}, "results": rows}, f, indent=2)
+            json.dump({"config": config, "results": rows}, f, indent=2)
+    if not all(r["same_keep_and_labels"] and r["max_abs_diff"] < 1e-6 for r in rows):
+        raise SystemExit("Matrix NMS results differ from the dense formulation.")
 
 
 if __name__ == "__main__":

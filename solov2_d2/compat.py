@@ -10,6 +10,10 @@ detectron2.modeling` would fail. :func:`install` (run by `import solov2_d2`) bri
   that needs it and how to get the full build. With a real `_C` nothing is touched.
 * in that case COCO evaluation uses pycocotools' `COCOeval` in place of detectron2's C++
   `COCOeval_opt` (the same metrics, computed in Python).
+* NumPy 1.24 removed the aliases `np.float`, `np.int`, `np.bool` and `np.object`, which
+  `lvis` 0.5.3 (the latest release; LVIS evaluation) and detectron2 0.6's polygon rasterisation
+  (empty polygon lists) still use. Those two modules, and only they, get a view of numpy that
+  has the aliases (the builtins, as NumPy defined them); numpy itself is not changed.
 * Pillow 10 removed `Image.LINEAR`, which detectron2 0.6 uses as a default argument at import
   time. Where it is missing it is defined as `Image.BILINEAR`, the filter it always named
   (Pillow < 10 defined LINEAR = BILINEAR). This keeps Pillow unpinned, so current Pillow releases
@@ -133,8 +137,41 @@ def _use_pycocotools_evaluator() -> None:
     coco_evaluation.COCOeval_opt = COCOeval
 
 
+_REMOVED_NUMPY_ALIASES = {"float": float, "int": int, "bool": bool, "object": object}
+_MODULES_USING_NUMPY_ALIASES = ("lvis.eval", "detectron2.structures.masks")
+
+
+class _NumpyWithAliases(types.ModuleType):
+    """numpy, plus the aliases NumPy 1.24 removed, for modules written before that."""
+
+    def __init__(self):
+        super().__init__("numpy")
+        self.__dict__.update(_REMOVED_NUMPY_ALIASES)
+
+    def __getattr__(self, name: str):
+        import numpy
+
+        return getattr(numpy, name)
+
+
+def _give_old_modules_numpy_aliases() -> None:
+    import numpy
+
+    if hasattr(numpy, "float"):
+        return
+    view = _NumpyWithAliases()
+    for name in _MODULES_USING_NUMPY_ALIASES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module, "np", None) is numpy:
+            module.np = view
+
+
 def install() -> None:
     """Apply the bridges this environment needs (idempotent). See the module docstring."""
     _define_pillow_linear()
+    _give_old_modules_numpy_aliases()
     if _install_compiled_ops_stand_in():
         _use_pycocotools_evaluator()

@@ -10,6 +10,8 @@ masks m_i of areas a_i (pixel counts), for i < j (i scores higher):
   linear kernel: ratio_ij = (1 - iou_ij) / max(1 - comp_i, eps);
 * decay_j = min(1, min over i < j with the label of j of ratio_ij), new score s_j * decay_j.
 
+An empty mask has IoU 0 with every mask (the dense formula divides 0 by 0 for two empty masks).
+
 Then the candidates with decayed score >= ``score_thresh`` are kept, sorted by decayed score
 (stable), and cut to ``max_per_image``. An optional ``pre_nms_topk`` keeps the top candidates by
 input score before all of this.
@@ -38,11 +40,11 @@ import torch.nn.functional as F
 __all__ = ["MatrixNMSResult", "matrix_nms", "batched_matrix_nms"]
 
 # A linear-kernel denominator 1 - comp_i is 0 exactly when mask i duplicates a higher-scored mask
-# of its class. Clamping it makes ratio_ij = 0 when mask j is that same mask again (iou_ij = 1)
-# and >= 1 otherwise, the limit of the formula, instead of 0 / 0 = NaN.
+# of its class. Clamped, it gives ratio_ij = 0 when mask j is that same mask again (iou_ij = 1)
+# and, for masks under 10^6 pixels, >= 1 otherwise: the limit of the formula, not 0 / 0 = NaN.
 _LINEAR_EPS = 1e-6
-# The most words (members x box words) cropped at once; a chunk holds 8 float32 per word, so
-# this bounds its memory to 32 * _CHUNK_WORDS bytes.
+# The most words (members x box words) cropped at once. A chunk holds them as int64 and as 8
+# float32 each: about 40 * _CHUNK_WORDS bytes (20 MiB).
 _CHUNK_WORDS = 1 << 19
 # A byte lane of an int64 word can sum this many 0/1 bytes without carrying into the next lane.
 _MAX_BYTE_SUM_ROWS = 255
@@ -142,12 +144,11 @@ def batched_matrix_nms(
     if masks.dtype != torch.bool:
         raise ValueError(f"masks must be bool, got {masks.dtype}.")
     num_images, num_inputs = scores.shape
-    index_offsets = torch.arange(num_images, device=scores.device)[:, None] * num_inputs
-
     order = _sort_descending(scores.masked_fill(~valid, float("-inf")))
     if 0 < pre_nms_topk < num_inputs:
         order = order[:, :pre_nms_topk]
-    inputs = order + index_offsets  # [B, N'], into the flattened B * N inputs
+    # [B, N'] indices into the flattened B * N inputs
+    inputs = order + num_inputs * torch.arange(num_images, device=scores.device)[:, None]
     cand_scores = scores.flatten()[inputs]
     cand_labels = labels.flatten()[inputs]
     cand_valid = valid.flatten()[inputs]
@@ -197,21 +198,24 @@ def _decay_factors(masks, inputs, labels, valid, areas, kernel, sigma) -> torch.
     roots = _connected_components(graph) + num_cands * torch.arange(
         num_images, device=inputs.device
     )[:, None]
-    word_boxes = torch.cat([boxes[..., :1], boxes[..., 1:2] // 8, boxes[..., 2:3],
-                            boxes[..., 3:] // 8], dim=-1)
-    components = _Components(roots.flatten(), word_boxes.flatten(0, 1))
+    components = _Components(roots.flatten(), boxes.flatten(0, 1))
 
     flat_words = words.view(words.shape[0], height * row_words)
     flat_inputs = inputs.flatten()
     flat_areas = None if areas is None else areas.flatten()
-    decay = torch.ones(num_images * num_cands, device=inputs.device)
+    # Each list starts with an empty tensor, as there may be no chunk at all.
+    members, member_ok = [inputs.new_empty(0)], [valid.new_empty(0)]
+    decays = [torch.ones(0, device=inputs.device)]
     for chunk in components.chunks(num_cands, height * row_words):
-        members, member_ok = components.members(chunk)
-        crops = _crop(flat_words, flat_inputs[members], components, chunk, row_words)
-        chunk_decay = _component_decay(
-            crops, member_ok, None if flat_areas is None else flat_areas[members], kernel, sigma
-        )
-        decay = decay * _scatter_padded(chunk_decay, members, member_ok, decay.shape[0])
+        geometry = components.geometry[chunk.ids]
+        index, ok = _members(components.by_component, geometry, chunk.size)
+        inter = _intersections(flat_words, flat_inputs[index], geometry, chunk, row_words)
+        chunk_areas = None if flat_areas is None else flat_areas[index]
+        members.append(index.flatten())
+        member_ok.append(ok.flatten())
+        decays.append(_component_decay(inter, ok, chunk_areas, kernel, sigma).flatten())
+    decay = _scatter_or_one(torch.cat(decays), torch.cat(members), torch.cat(member_ok),
+                            num_images * num_cands)
     return decay.view(num_images, num_cands)
 
 
@@ -219,8 +223,9 @@ def _mask_words(masks: torch.Tensor) -> torch.Tensor:
     """int64 [M, H, ceil(W / 8)]: bool masks [M, H, W] read 8 pixels at a time (bytes 0 or 1,
     rows padded with False to a multiple of 8 pixels). Reducing and gathering words moves 8 times
     fewer elements than bool pixels."""
-    if masks.shape[-1] % 8:
-        masks = F.pad(masks, (0, -masks.shape[-1] % 8))
+    pad = -masks.shape[-1] % 8
+    if pad or masks.storage_offset() % 8:
+        masks = F.pad(masks, (0, pad))  # a copy with whole, aligned words
     return masks.contiguous().view(torch.uint8).view(torch.int64)
 
 
@@ -265,7 +270,7 @@ def _box_graph(boxes: torch.Tensor, labels: torch.Tensor, active: torch.Tensor) 
 
 def _connected_components(graph: torch.Tensor) -> torch.Tensor:
     """int64 [B, N]: for each node of the undirected graphs bool [B, N, N], the smallest node
-    index of its connected component."""
+    index of its connected component. Checks convergence on the host once per round."""
     num_nodes = graph.shape[-1]
     roots = torch.arange(num_nodes, device=graph.device).expand(graph.shape[:-1])
     while True:
@@ -294,29 +299,26 @@ class _Components:
 
     Args:
         roots: int64 [M], component id of each candidate (the flat index of its smallest member).
-        boxes: int64 [M, 4], inclusive (y0, x0, y1, x1) boxes of the candidates, x in 8-pixel
-            words.
+        boxes: int64 [M, 4], inclusive pixel boxes (y0, x0, y1, x1) of the candidates.
+    Attributes:
+        by_component: int64 [M], candidates sorted by component, in score order inside each.
+        geometry: int64 [M, 6], per component id: member count, start of its members in
+            `by_component`, and of its union box, in rows and 8-pixel words: top row, left
+            word, width and area in words. Only the rows of component ids (roots) are
+            meaningful.
     """
 
     def __init__(self, roots: torch.Tensor, boxes: torch.Tensor):
-        num = roots.shape[0]
-        self.size = torch.zeros(num, dtype=torch.int64, device=roots.device).index_add_(
-            0, roots, torch.ones_like(roots)
-        )
-        # Members sorted by component; the stable sort keeps the score order inside each one.
+        size = torch.zeros_like(roots).index_add_(0, roots, torch.ones_like(roots))
         self.by_component = torch.sort(roots, stable=True).indices
-        self.start = torch.cumsum(self.size, 0) - self.size
         # Union boxes, at the roots (every root is its own member, so include_self is moot).
         index = roots[:, None].expand(-1, 2)
-        self.box = torch.cat(
-            [
-                boxes[:, :2].scatter_reduce(0, index, boxes[:, :2], "amin", include_self=False),
-                boxes[:, 2:].scatter_reduce(0, index, boxes[:, 2:], "amax", include_self=False),
-            ],
-            dim=1,
-        )
-        self.height = self.box[:, 2] - self.box[:, 0] + 1
-        self.width = self.box[:, 3] - self.box[:, 1] + 1
+        y0, x0 = boxes[:, :2].scatter_reduce(0, index, boxes[:, :2], "amin", include_self=False).T
+        y1, x1 = boxes[:, 2:].scatter_reduce(0, index, boxes[:, 2:], "amax", include_self=False).T
+        x0, x1 = x0 // 8, x1 // 8
+        width = x1 - x0 + 1
+        area = (y1 - y0 + 1) * width
+        self.geometry = torch.stack([size, torch.cumsum(size, 0) - size, y0, x0, width, area], 1)
 
     def chunks(self, max_size: int, max_area: int):
         """Yield the components of 2+ members as :class:`_Chunk`s of similar sizes (member
@@ -327,39 +329,29 @@ class _Components:
         bins are split to hold at most `_CHUNK_WORDS` members x words. This reads the bin
         statistics to the host (the one transfer of the plan).
         """
+        size, area = self.geometry[:, 0], self.geometry[:, 5]
         size_bins = max(max_size - 1, 1).bit_length() + 1
         area_bins = max(max_area - 1, 1).bit_length() + 1
-        multi = self.size >= 2
-        area = self.height * self.width
-        bins = torch.where(
-            multi, _ceil_log2(self.size) * area_bins + _ceil_log2(area), size_bins * area_bins
-        )
+        multi = size >= 2
+        bins = torch.where(multi, _ceil_log2(size) * area_bins + _ceil_log2(area),
+                           size_bins * area_bins)
         num_bins = size_bins * area_bins + 1
         stats = torch.stack(
             [
-                torch.zeros(num_bins, dtype=torch.int64, device=bins.device).index_add_(
-                    0, bins, multi.long()
-                ),
-                _bin_max(bins, self.size, num_bins),
+                bins.new_zeros(num_bins).index_add_(0, bins, multi.long()),
+                _bin_max(bins, size, num_bins),
                 _bin_max(bins, area, num_bins),
             ]
         )[:, :-1]
         by_bin = torch.sort(bins, stable=True).indices
         start = 0
-        for count, size, area in zip(*stats.tolist()):
-            per_chunk = max(1, _CHUNK_WORDS // (size * area)) if count else 1
-            for offset in range(start, start + count, per_chunk):
-                yield _Chunk(by_bin[offset : min(offset + per_chunk, start + count)], size, area)
+        for count, bin_size, bin_area in zip(*stats.tolist()):
+            if count:
+                per_chunk = max(1, _CHUNK_WORDS // (bin_size * bin_area))
+                for offset in range(start, start + count, per_chunk):
+                    ids = by_bin[offset : min(offset + per_chunk, start + count)]
+                    yield _Chunk(ids, bin_size, bin_area)
             start += count
-
-    def members(self, chunk: _Chunk) -> Tuple[torch.Tensor, torch.Tensor]:
-        """int64 [G, S] candidate indices of the chunk's components in score order, padded to
-        S = chunk.size by repeating the last member; bool [G, S], False for padding."""
-        rank = torch.arange(chunk.size, device=chunk.ids.device)
-        size = self.size[chunk.ids][:, None]
-        member_ok = rank < size
-        position = self.start[chunk.ids][:, None] + torch.minimum(rank, size - 1)
-        return self.by_component[position], member_ok
 
 
 def _ceil_log2(values: torch.Tensor) -> torch.Tensor:
@@ -372,42 +364,69 @@ def _bin_max(bins: torch.Tensor, values: torch.Tensor, num_bins: int) -> torch.T
     return values.new_zeros(num_bins).scatter_reduce(0, bins, values, reduce="amax")
 
 
-def _crop(flat_words, mask_index, components: _Components, chunk: _Chunk, row_words: int):
-    """float32 [G, S, 8 * A]: the 0/1 masks of a chunk's components inside each component's box.
+def _members(by_component, geometry, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """int64 [G, S] candidates of G components (rows of `_Components.geometry`) in score order,
+    padded to S = `size` by repeating the last member; bool [G, S], False for padding."""
+    rank = torch.arange(size, device=geometry.device)
+    count, start = geometry[:, :1], geometry[:, 1:2]
+    return by_component[start + torch.minimum(rank, count - 1)], rank < count
 
-    A box of h rows x w words is flattened to its first h * w words; the remaining words
-    (padding to A = chunk.area) are 0. Pixels of the box's words outside the box itself are 0
-    for every member, which all lie inside the box. `flat_words`: int64 [M, H * row_words], see
-    :func:`_mask_words`; `mask_index`: int64 [G, S] rows of `flat_words`.
+
+def _intersections(flat_words, mask_index, geometry, chunk: _Chunk, row_words: int):
+    """float32 [G, S, S]: pixel counts of the intersections of the members of each component
+    in a chunk. They are exact: sums of 0/1 products in float32 are exact below 2^24.
+
+    Args:
+        flat_words: int64 [M, H * row_words], the masks as words (see :func:`_mask_words`).
+        mask_index: int64 [G, S], the members' rows of `flat_words`.
+        geometry: int64 [G, 6], the components' rows of `_Components.geometry`.
     """
-    ids = chunk.ids
-    word = torch.arange(chunk.area, device=ids.device)
-    box_width = components.width[ids][:, None]
-    inside = word < (components.height[ids] * components.width[ids])[:, None]
-    y = components.box[ids, 0][:, None] + word // box_width
-    x = components.box[ids, 1][:, None] + word % box_width
-    offset = torch.where(inside, y * row_words + x, 0)  # [G, A]
+    # A chunk is one component when that alone exceeds the memory budget: crop it in slices.
+    step = max(1, _CHUNK_WORDS // chunk.size)
+    slices = [(start, min(step, chunk.area - start)) for start in range(0, chunk.area, step)]
+    return sum(
+        _gram(_crop(flat_words, mask_index, geometry, row_words, start, length))
+        for start, length in slices
+    )
+
+
+def _gram(crops: torch.Tensor) -> torch.Tensor:
+    """float32 [G, S, S] dot products of the rows of float32 crops [G, S, P]."""
+    return torch.bmm(crops, crops.transpose(1, 2))
+
+
+def _crop(flat_words, mask_index, geometry, row_words: int, start: int, length: int):
+    """float32 [G, S, 8 * length]: words start .. start + length - 1 of the members' masks inside
+    their component's box, as 0/1 pixels.
+
+    The box of a component, h rows x w words, is flattened to h * w words; words past its end
+    are 0. Pixels of the box's words that lie outside the box itself are 0 for every member,
+    since all of them lie inside the box.
+    """
+    y0, x0, width, area = geometry[:, 2:, None].unbind(1)  # each [G, 1]
+    word = torch.arange(start, start + length, device=geometry.device)
+    inside = word < area
+    offset = torch.where(inside, (y0 + word // width) * row_words + x0 + word % width, 0)
     crops = flat_words[mask_index[:, :, None], offset[:, None, :]]
     return torch.where(inside[:, None, :], crops, 0).view(torch.uint8).float()
 
 
-def _component_decay(crops, member_ok, areas, kernel: str, sigma: float) -> torch.Tensor:
+def _component_decay(inter, member_ok, areas, kernel: str, sigma: float) -> torch.Tensor:
     """Matrix NMS decay inside components.
 
     Args:
-        crops: float32 [G, S, A] 0/1 masks of G components, members in descending score order.
+        inter: float32 [G, S, S] intersections of the masks of G components, members in
+            descending score order.
         member_ok: bool [G, S], False for padding members.
-        areas: None (use the crops' pixel counts) or [G, S] mask areas.
+        areas: None (use the diagonal of `inter`) or [G, S] mask areas.
     Returns:
         float32 [G, S] decay factors (meaningless for padding).
     """
-    inter = torch.bmm(crops, crops.transpose(1, 2))  # exact counts: 0/1 products, < 2^24
     areas = inter.diagonal(dim1=1, dim2=2) if areas is None else areas.float()
     union = areas[:, :, None] + areas[:, None, :] - inter
-    size = member_ok.shape[1]
+    rank = torch.arange(member_ok.shape[1], device=inter.device)
     # pairs (i, j), i < j: i scores higher; j must be a real member (then so is i).
-    pairs = torch.ones(size, size, dtype=torch.bool, device=crops.device).triu(1)
-    pairs = pairs & member_ok[:, None, :]
+    pairs = (rank[:, None] < rank[None, :]) & member_ok[:, None, :]
     iou = torch.where(pairs, inter / union, 0)
     comp = iou.amax(dim=1)[:, :, None]  # [G, S, 1], comp_i along rows
     if kernel == "gaussian":
@@ -418,11 +437,11 @@ def _component_decay(crops, member_ok, areas, kernel: str, sigma: float) -> torc
     return torch.where(pairs, ratio, 1).amin(dim=1)
 
 
-def _scatter_padded(values, index, ok, length: int) -> torch.Tensor:
-    """float32 [length]: `values` [G, S] at `index` [G, S] where `ok`, 1 elsewhere.
+def _scatter_or_one(values, index, ok, length: int) -> torch.Tensor:
+    """float32 [length]: `values` [P] at `index` [P] where `ok`, 1 elsewhere.
 
     Padding entries go to distinct slots past `length`, so no index repeats (deterministic).
     """
-    spare = length + torch.arange(index.numel(), device=index.device).view(index.shape)
-    out = torch.ones(length + index.numel(), device=values.device)
-    return out.scatter_(0, torch.where(ok, index, spare).flatten(), values.flatten())[:length]
+    spare = length + torch.arange(index.shape[0], device=index.device)
+    out = torch.ones(length + index.shape[0], device=values.device)
+    return out.scatter_(0, torch.where(ok, index, spare), values)[:length]

@@ -10,7 +10,7 @@ from detectron2.structures import Boxes, Instances
 from .heads import dynamic_mask_logits, flatten_levels
 from .matrix_nms import batched_matrix_nms
 
-__all__ = ["SOLOv2PostProcessor", "point_nms", "masks_to_boxes"]
+__all__ = ["SOLOv2PostProcessor", "detections_to_instances", "masks_to_boxes", "point_nms"]
 
 
 def point_nms(scores: torch.Tensor) -> torch.Tensor:
@@ -40,6 +40,20 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     y2 = h - rows.flip(1).int().argmax(dim=1)
     boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
     return boxes * cols.any(dim=1, keepdim=True)
+
+
+def detections_to_instances(
+    masks: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor
+) -> Instances:
+    """The output format: `Instances` of the masks' size with `pred_masks` (bool [N, H, W]),
+    `scores` (float [N]), `pred_classes` (int64 [N]) and `pred_boxes` (the masks' tight boxes,
+    so that box AP can be evaluated)."""
+    result = Instances(tuple(masks.shape[-2:]))
+    result.pred_masks = masks
+    result.scores = scores
+    result.pred_classes = classes
+    result.pred_boxes = Boxes(masks_to_boxes(masks))
+    return result
 
 
 class SOLOv2PostProcessor:
@@ -171,17 +185,14 @@ class SOLOv2PostProcessor:
         )  # [B, K', Hm, Wm]
         counts = nms.valid.sum(dim=1).tolist()  # the one host sync: Instances sizes
 
-        results = []
-        for i in range(num_images):
-            n = counts[i]
-            masks = self._paste(kept_masks[i, :n], image_sizes[i], output_sizes[i])
-            result = Instances(output_sizes[i])
-            result.pred_masks = masks
-            result.scores = nms.scores[i, :n]
-            result.pred_classes = nms.labels[i, :n]
-            result.pred_boxes = Boxes(masks_to_boxes(masks))
-            results.append(result)
-        return results
+        return [
+            detections_to_instances(
+                self._paste(kept_masks[i, : counts[i]], image_sizes[i], output_sizes[i]),
+                nms.scores[i, : counts[i]],
+                nms.labels[i, : counts[i]],
+            )
+            for i in range(num_images)
+        ]
 
     def _image_areas(self, image_sizes, masks: torch.Tensor) -> torch.Tensor:
         """bool [B, 1, Hm, Wm]: the pixels of `masks` [B, K, Hm, Wm] that cover each image

@@ -1,3 +1,35 @@
 # solov2_d2 must be imported before any detectron2 module: it bridges a detectron2 installed
 # without compiled ops (solov2_d2.compat).
-import solov2_d2  # noqa: F401
+from pathlib import Path
+
+import pytest
+
+import solov2_d2
+from detectron2.config import get_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_solov2_cfg(num_classes: int = 3, depth: int = 18):
+    """A SOLOv2 config small enough for CPU tests: ResNet-18 (GN, trainable from scratch),
+    light heads. Everything else keeps the defaults of configs/Base-SOLOv2.yaml."""
+    cfg = get_cfg()
+    solov2_d2.add_solov2_config(cfg)
+    cfg.merge_from_file(str(REPO / "configs" / "Base-SOLOv2.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.RESNETS.DEPTH = depth
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth < 50 else 256
+    cfg.MODEL.RESNETS.NORM = "GN"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.FPN.NORM = ""
+    cfg.MODEL.SOLOV2.NUM_CLASSES = num_classes
+    cfg.MODEL.SOLOV2.INSTANCE_CHANNELS = 128
+    cfg.MODEL.SOLOV2.NUM_INSTANCE_CONVS = 2
+    cfg.MODEL.SOLOV2.MASK_DIM = 64
+    return cfg
+
+
+@pytest.fixture
+def small_cfg():
+    return small_solov2_cfg()

@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""
+Run a trained SOLOv2 model on images and write pictures of its predictions (masks, classes,
+scores), one per input image, with the input's file name and size.
+
+Example:
+
+    python demo.py --config-file configs/fruit/SOLOv2_R18_fruit.yaml \\
+        --input ../shared/data/fruit/14.jpg "photos/*.jpg" --output output/demo \\
+        --opts MODEL.WEIGHTS output/fruit/model_final.pth
+"""
+import argparse
+import glob
+import os
+
+import cv2
+import tqdm
+
+# Bridges a detectron2 without compiled ops before any detectron2 module is imported.
+import solov2_d2  # noqa: F401  # isort: split
+
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from solov2_d2 import add_solov2_config
+from solov2_d2.engine import check_weights_are_local
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def setup_cfg(args):
+    cfg = get_cfg()
+    add_solov2_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if not cfg.MODEL.WEIGHTS:
+        raise ValueError(
+            "MODEL.WEIGHTS is empty: the demo needs trained weights, e.g. "
+            "--opts MODEL.WEIGHTS output/fruit/model_final.pth"
+        )
+    check_weights_are_local(cfg.MODEL.WEIGHTS)
+    cfg.freeze()
+    return cfg
+
+
+def list_images(inputs):
+    """The image files named by `inputs`: files, folders (their images, sorted) or globs."""
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            names = sorted(os.listdir(item))
+            files += [
+                os.path.join(item, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)
+            ]
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            matches = sorted(glob.glob(os.path.expanduser(item)))
+            if not matches:
+                raise FileNotFoundError(f"--input {item!r} is no file, folder or matching glob.")
+            files += [m for m in matches if os.path.isfile(m)]
+    if not files:
+        raise FileNotFoundError(f"No image found in --input {inputs}.")
+    return files
+
+
+def draw_predictions(image_bgr, instances, metadata, confidence_threshold):
+    """An RGB picture of `image_bgr` with the instances scoring at least the threshold."""
+    instances = instances[instances.scores >= confidence_threshold]
+    visualizer = Visualizer(image_bgr[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
+    return visualizer.draw_instance_predictions(instances).get_image()
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="SOLOv2 demo: pictures of the predictions")
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="images: files, folders or globs (quoted)"
+    )
+    parser.add_argument("--output", required=True, help="folder for the pictures")
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.3,
+        help="minimum score of the instances drawn (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--opts",
+        default=[],
+        nargs=argparse.REMAINDER,
+        help="config options as KEY VALUE pairs, e.g. MODEL.WEIGHTS model_final.pth",
+    )
+    return parser
+
+
+def main(args):
+    logger = setup_logger(name="solov2_demo")
+    cfg = setup_cfg(args)
+    files = list_images(args.input)
+    predictor = DefaultPredictor(cfg)
+    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    os.makedirs(args.output, exist_ok=True)
+    outputs = []
+    for path in tqdm.tqdm(files, disable=len(files) == 1):
+        image = read_image(path, format="BGR")
+        instances = predictor(image)["instances"].to("cpu")
+        picture = draw_predictions(image, instances, metadata, args.confidence_threshold)
+        out_path = os.path.join(args.output, os.path.basename(path))
+        cv2.imwrite(out_path, picture[:, :, ::-1])
+        shown = int((instances.scores >= args.confidence_threshold).sum())
+        logger.info(f"{path}: {len(instances)} instances, {shown} drawn -> {out_path}")
+        outputs.append(out_path)
+    return outputs
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())

@@ -1,0 +1,72 @@
+"""Checks that a config can run on this machine, made before anything is built or loaded.
+
+* Weights are never downloaded: detectron2 would fetch a URL, ``detectron2://`` or
+  ``catalog://`` path in ``MODEL.WEIGHTS`` at load time, which hangs or fails late without
+  internet access. :func:`check_weights_are_local` rejects them at once and says what to fetch.
+* Mixed precision (``SOLVER.AMP.ENABLED``) is detectron2's AMPTrainer: float16 autocast with
+  gradient scaling, CUDA only. :func:`check_amp_device` rejects it for other devices instead of
+  letting the first training step fail. (CPU bfloat16 autocast is not offered: torchvision's
+  ``deform_conv2d`` has no CPU autocast kernel, so the DCN variants fail under it, and the
+  conv-heavy steps gained little on the 2-core AVX-512 machine this was measured on.)
+"""
+import os
+
+import torch
+from detectron2.checkpoint.catalog import ModelCatalog
+from detectron2.utils.file_io import Detectron2Handler
+
+__all__ = ["check_weights_are_local", "check_amp_device", "weights_download_url"]
+
+_TORCHVISION_HOST = "download.pytorch.org"
+
+
+def weights_download_url(weights: str) -> str:
+    """The https URL behind a ``detectron2://`` or ``catalog://`` path (pure string mapping, no
+    network); other strings are returned unchanged."""
+    if weights.startswith(Detectron2Handler.PREFIX):
+        return Detectron2Handler.S3_DETECTRON2_PREFIX + weights[len(Detectron2Handler.PREFIX):]
+    if weights.startswith("catalog://"):
+        try:
+            return ModelCatalog.get(weights[len("catalog://"):])
+        except (RuntimeError, KeyError):
+            return weights
+    return weights
+
+
+def check_weights_are_local(weights: str) -> None:
+    """Raise ValueError, saying what to download, when ``weights`` (a ``MODEL.WEIGHTS`` value) is
+    remote (``scheme://...``). Empty (random initialisation) and local paths pass; a local path
+    that does not exist is left to detectron2's checkpointer to report."""
+    if "://" not in weights:
+        return
+    url = weights_download_url(weights)
+    if _TORCHVISION_HOST in url:
+        then = (
+            "These are torchvision weights: convert them with `python -m solov2_d2.convert "
+            "SRC DST --from torchvision --config NAME`, which writes DST and a config for it "
+            "(DST with suffix .yaml) to train with."
+        )
+    else:
+        then = (
+            f"Then pass its local path: MODEL.WEIGHTS /path/to/{os.path.basename(url)}. "
+            "(Torchvision ImageNet weights must first be converted with "
+            "`python -m solov2_d2.convert SRC DST --from torchvision`.)"
+        )
+    raise ValueError(
+        f"MODEL.WEIGHTS = {weights!r} is not a local file, and solov2_d2 never downloads "
+        f"weights. Download {url} on a machine with internet access and copy it here. {then} "
+        'To train from random initialisation instead, pass MODEL.WEIGHTS "" with trainable '
+        "norms (e.g. MODEL.RESNETS.NORM GN MODEL.BACKBONE.FREEZE_AT 0; see configs/fruit/)."
+    )
+
+
+def check_amp_device(cfg) -> None:
+    """Raise ValueError when ``SOLVER.AMP.ENABLED`` is set for a device other than CUDA."""
+    device = torch.device(cfg.MODEL.DEVICE).type
+    if cfg.SOLVER.AMP.ENABLED and device != "cuda":
+        raise ValueError(
+            f"SOLVER.AMP.ENABLED = True needs MODEL.DEVICE cuda: mixed precision is detectron2's "
+            f"AMPTrainer (float16 autocast with gradient scaling), which runs on CUDA only; "
+            f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}. Set SOLVER.AMP.ENABLED False to train on "
+            f"{device}."
+        )

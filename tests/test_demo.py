@@ -1,0 +1,67 @@
+"""demo.py: pictures of the predictions, one per input image, of the input's size."""
+import sys
+
+import solov2_d2  # noqa: F401  # isort: split
+
+import cv2
+import numpy as np
+import pytest
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+
+from conftest import REPO
+from solov2_d2 import add_solov2_config
+from test_train_net import FRUIT_CONFIG, TINY
+
+sys.path.insert(0, str(REPO))
+import demo  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A just-initialised model of the tiny fruit config, saved as a checkpoint."""
+    cfg = get_cfg()
+    add_solov2_config(cfg)
+    cfg.merge_from_file(FRUIT_CONFIG)
+    cfg.merge_from_list(TINY)
+    folder = tmp_path_factory.mktemp("weights")
+    DetectionCheckpointer(build_model(cfg), save_dir=str(folder)).save("model")
+    return str(folder / "model.pth")
+
+
+def test_demo_draws_predictions_on_pictures_of_the_input_size(weights, tmp_path):
+    image_path = DatasetCatalog.get("fruit_val")[0]["file_name"]
+    args = demo.get_parser().parse_args(
+        ["--config-file", FRUIT_CONFIG, "--input", image_path, "--output", str(tmp_path)]
+        + ["--confidence-threshold", "0", "--opts", "MODEL.WEIGHTS", weights]
+        + TINY
+    )
+    outputs = demo.main(args)
+    assert outputs == [str(tmp_path / "14.jpg")]
+    picture = cv2.imread(outputs[0])
+    image = cv2.imread(image_path)
+    assert picture.shape == image.shape
+    # TINY keeps every cell: masks, boxes and labels are drawn over the photo.
+    assert np.abs(picture.astype(int) - image.astype(int)).mean() > 1
+
+
+def test_inputs_are_files_folders_or_globs(tmp_path):
+    for name in ("b.jpg", "a.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert demo.list_images([str(tmp_path)]) == [str(tmp_path / "a.png"), str(tmp_path / "b.jpg")]
+    assert demo.list_images([str(tmp_path / "*.jpg")]) == [str(tmp_path / "b.jpg")]
+    assert demo.list_images([str(tmp_path / "notes.txt")]) == [str(tmp_path / "notes.txt")]
+    with pytest.raises(FileNotFoundError, match="missing"):
+        demo.list_images([str(tmp_path / "missing*.jpg")])
+
+
+def test_demo_needs_local_trained_weights():
+    for weights, message in (("", "needs trained weights"), ("https://x/y.pth", "never downloads")):
+        args = demo.get_parser().parse_args(
+            ["--config-file", FRUIT_CONFIG, "--input", "x.jpg", "--output", "out"]
+            + ["--opts", "MODEL.WEIGHTS", weights]
+        )
+        with pytest.raises(ValueError, match=message):
+            demo.setup_cfg(args)

@@ -1,0 +1,155 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from solov2_d2 import postprocess as pp
+from solov2_d2.postprocess import SOLOv2PostProcessor, masks_to_boxes, point_nms
+
+GRIDS = [40, 36, 24, 16, 12]
+
+
+def _processor(**kwargs):
+    args = dict(strides=[8, 8, 16, 32, 32], mask_stride=4)
+    args.update(kwargs)
+    return SOLOv2PostProcessor(**args)
+
+
+def _head_outputs(batch, padded=(128, 160), classes=5, dim=16, seed=0):
+    """Random head outputs with real candidates: a few cells per image score high and their
+    kernels pick out blob-like masks from a mask feature built of blobs."""
+    g = torch.Generator().manual_seed(seed)
+    cate = [torch.randn(batch, classes, s, s, generator=g) * 2 - 3 for s in GRIDS]
+    kernels = [torch.randn(batch, dim, s, s, generator=g) for s in GRIDS]
+    hm, wm = padded[0] // 4, padded[1] // 4
+    ys = torch.arange(hm).view(-1, 1).float()
+    xs = torch.arange(wm).view(1, -1).float()
+    feats = []
+    for _ in range(batch):
+        blobs = []
+        for _ in range(dim):
+            cy, cx = torch.rand(2, generator=g) * torch.tensor([hm, wm])
+            r = 3 + torch.rand(1, generator=g) * 8
+            blobs.append(r - ((ys - cy) ** 2 + (xs - cx) ** 2).sqrt())
+        feats.append(torch.stack(blobs))
+    return cate, kernels, torch.stack(feats)
+
+
+def test_point_nms_keeps_exactly_the_local_maxima():
+    scores = torch.rand(2, 3, 7, 7)
+    kept = point_nms(scores)
+    for b in range(2):
+        for c in range(3):
+            for i in range(7):
+                for j in range(7):
+                    # The window: this cell and its neighbours above and to the left.
+                    window = scores[b, c, max(i - 1, 0) : i + 1, max(j - 1, 0) : j + 1]
+                    expected = scores[b, c, i, j] if scores[b, c, i, j] == window.max() else 0
+                    assert kept[b, c, i, j] == expected
+
+
+def test_boxes_are_the_tight_bounds_of_the_masks():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(20, 31, 47, generator=g) > 0.97
+    masks[3] = False
+    boxes = masks_to_boxes(masks)
+    for m, box in zip(masks.numpy(), boxes.tolist()):
+        ys, xs = np.nonzero(m)
+        expected = [0, 0, 0, 0] if len(xs) == 0 else [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert box == expected
+    assert masks_to_boxes(torch.zeros(0, 5, 5, dtype=torch.bool)).shape == (0, 4)
+
+
+def test_batched_results_equal_per_image_results():
+    sizes = [(128, 160), (100, 130), (61, 75)]
+    outputs = [(120, 150), (200, 260), (61, 75)]
+    cate, kernels, feats = _head_outputs(3)
+    proc = _processor(score_thresh=0.2)
+    batched = proc(cate, kernels, feats, sizes, outputs)
+    assert sum(len(r) for r in batched) > 10
+    for i in range(3):
+        alone = proc(
+            [c[i : i + 1] for c in cate], [k[i : i + 1] for k in kernels], feats[i : i + 1],
+            [sizes[i]], [outputs[i]],
+        )[0]
+        ours = batched[i]
+        assert ours.image_size == outputs[i] == alone.image_size
+        torch.testing.assert_close(ours.scores, alone.scores)
+        assert torch.equal(ours.pred_classes, alone.pred_classes)
+        assert torch.equal(ours.pred_masks, alone.pred_masks)
+        assert torch.equal(ours.pred_boxes.tensor, alone.pred_boxes.tensor)
+        assert torch.equal(ours.pred_boxes.tensor, masks_to_boxes(ours.pred_masks))
+        assert (ours.scores[:-1] >= ours.scores[1:]).all()
+        assert ours.pred_masks.dtype == torch.bool and ours.pred_classes.dtype == torch.int64
+
+
+def test_padding_outside_an_image_does_not_change_its_result():
+    """An image padded by a larger neighbour gets the same detections as with its own padding,
+    even where its masks would leak into the padding."""
+    cate, kernels, feats = _head_outputs(1, padded=(128, 160))
+    proc = _processor(score_thresh=0.2)
+    small = proc(cate, kernels, feats, [(96, 120)], [(96, 120)])[0]
+    bigger = F.pad(feats, (0, 8, 0, 8), value=5.0)  # strong activations in the extra padding
+    padded = proc(cate, kernels, bigger, [(96, 120)], [(96, 120)])[0]
+    assert len(small) > 0
+    torch.testing.assert_close(small.scores, padded.scores)
+    assert torch.equal(small.pred_masks, padded.pred_masks)
+
+
+def test_paste_equals_upsampling_the_whole_padded_map():
+    proc = _processor()
+    soft = torch.rand(4, 32, 40)
+    for image_size, output in [((128, 160), (128, 160)), ((97, 131), (97, 131)), ((61, 75), (300, 400))]:
+        full = F.interpolate(soft[None], size=(128, 160), mode="bilinear", align_corners=False)
+        full = full[..., : image_size[0], : image_size[1]]
+        full = F.interpolate(full, size=output, mode="bilinear", align_corners=False)[0] > 0.5
+        assert torch.equal(proc._paste(soft, image_size, output), full)
+
+
+def test_masks_are_computed_only_for_the_top_candidates(monkeypatch):
+    seen = []
+    real = pp.dynamic_mask_logits
+
+    def spy(features, kernels):
+        seen.append(kernels.shape)
+        return real(features, kernels)
+
+    monkeypatch.setattr(pp, "dynamic_mask_logits", spy)
+    cate, kernels, feats = _head_outputs(2)
+    cate = [torch.full_like(c, 5.0) for c in cate]  # every (cell, class) above threshold
+    _processor(max_mask_candidates=37)(cate, kernels, feats, [(128, 160)] * 2, [(128, 160)] * 2)
+    assert seen == [torch.Size([2, 37, 16])]
+
+
+def test_limits_and_thresholds():
+    cate, kernels, feats = _head_outputs(2, seed=3)
+    results = _processor(score_thresh=0.1, max_per_image=4)(
+        cate, kernels, feats, [(128, 160)] * 2, [(128, 160)] * 2
+    )
+    assert all(len(r) == 4 for r in results)
+    loose = _processor(score_thresh=0.1, update_thresh=0.3)(
+        cate, kernels, feats, [(128, 160)] * 2, [(128, 160)] * 2
+    )
+    assert all((r.scores >= 0.3).all() for r in loose)
+
+
+def test_empty_results_have_the_right_types():
+    cate, kernels, feats = _head_outputs(2)
+    cate = [torch.full_like(c, -20.0) for c in cate]
+    results = _processor()(cate, kernels, feats, [(128, 160), (90, 100)], [(64, 80), (90, 100)])
+    for r, size in zip(results, [(64, 80), (90, 100)]):
+        assert len(r) == 0 and r.image_size == size
+        assert r.pred_masks.shape == (0, *size) and r.pred_masks.dtype == torch.bool
+        assert r.scores.dtype == torch.float32 and r.scores.shape == (0,)
+        assert r.pred_classes.dtype == torch.int64
+        assert r.pred_boxes.tensor.shape == (0, 4)
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_small_masks_are_dropped_by_their_level_stride(kernel):
+    cate, kernels, feats = _head_outputs(1, seed=5)
+    results = _processor(score_thresh=0.1, nms_kernel=kernel)(
+        cate, kernels, feats, [(128, 160)], [(128, 160)]
+    )
+    # Output masks are 4x upsampled: a kept mask had more than 8 pixels at stride 4.
+    assert all(m.sum() > 8 * 16 * 0.5 for m in results[0].pred_masks)

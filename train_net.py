@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""
+Train or evaluate SOLOv2 with detectron2's standard training loop.
+
+Examples:
+
+    # training (add --resume to continue from the last checkpoint in OUTPUT_DIR)
+    python train_net.py --config-file configs/SOLOv2_R50_3x.yaml --num-gpus 8 \\
+        MODEL.WEIGHTS /path/to/R-50.pkl
+    # evaluation of a trained model
+    python train_net.py --config-file configs/SOLOv2_R50_3x.yaml --eval-only \\
+        MODEL.WEIGHTS output/model_final.pth
+    # from scratch on the CPU, in 2 processes (gloo)
+    python train_net.py --config-file configs/fruit/SOLOv2_R18_fruit.yaml --num-cpu-processes 2
+
+Evaluation picks detectron2's evaluator from the test dataset's metadata `evaluator_type`:
+"coco" (COCOEvaluator, mask and box AP) or "lvis" (LVISEvaluator).
+"""
+import json
+import logging
+import os
+import weakref
+
+# Bridges a detectron2 without compiled ops before any detectron2 module is imported.
+import solov2_d2  # noqa: F401  # isort: split
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    default_argument_parser,
+    default_setup,
+)
+from detectron2.evaluation import COCOEvaluator, LVISEvaluator, verify_results
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import setup_logger
+
+from solov2_d2 import add_solov2_config
+from solov2_d2.distributed import create_ddp_model, launch
+from solov2_d2.engine import check_amp_device, check_weights_are_local
+
+
+class Trainer(DefaultTrainer):
+    """
+    Detectron2's DefaultTrainer (SGD, LR schedule, gradient clipping from
+    ``SOLVER.CLIP_GRADIENTS``, checkpoints, periodic evaluation with ``TEST.EVAL_PERIOD``,
+    console/JSON/TensorBoard writers, AMP with ``SOLVER.AMP.ENABLED``), with SOLOv2's evaluators
+    and DistributedDataParallel that also works for CPU processes.
+    """
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__, except that the model is wrapped by solov2_d2's
+        # create_ddp_model: detectron2's passes `device_ids`, which DDP refuses for CPU modules.
+        TrainerBase.__init__(self)
+        logger = logging.getLogger("detectron2")
+        if not logger.isEnabledFor(logging.INFO):  # setup_logger is not called for d2
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """COCOEvaluator (segm and bbox) or LVISEvaluator, by the dataset's `evaluator_type`."""
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
+        if evaluator_type == "coco":
+            return COCOEvaluator(dataset_name, tasks=("segm", "bbox"), output_dir=output_folder)
+        if evaluator_type == "lvis":
+            return LVISEvaluator(dataset_name, tasks=("segm", "bbox"), output_dir=output_folder)
+        raise NotImplementedError(
+            f"No SOLOv2 evaluator for dataset {dataset_name!r} with evaluator_type "
+            f"{evaluator_type!r}: register it with evaluator_type 'coco' or 'lvis' (e.g. with "
+            "solov2_d2.data.register_labelme_instances or register_coco_instances)."
+        )
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's evaluation on every test dataset; the main process also writes the
+        results to OUTPUT_DIR/inference/results.json (overwritten by each evaluation)."""
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process():
+            path = os.path.join(cfg.OUTPUT_DIR, "inference", "results.json")
+            PathManager.mkdirs(os.path.dirname(path))
+            with PathManager.open(path, "w") as f:
+                json.dump(results, f, indent=2)
+        return results
+
+
+def setup(args):
+    """Load the config from the file and the command line, check that it can run here, and do
+    detectron2's default setup (logging, seeds, config backup in OUTPUT_DIR)."""
+    cfg = get_cfg()
+    add_solov2_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if args.num_cpu_processes > 0 and cfg.MODEL.DEVICE != "cpu":
+        raise ValueError(
+            f"--num-cpu-processes runs CPU processes, but MODEL.DEVICE is "
+            f"{cfg.MODEL.DEVICE!r}: add MODEL.DEVICE cpu, or use --num-gpus for GPUs."
+        )
+    check_weights_are_local(cfg.MODEL.WEIGHTS)
+    if not args.eval_only:
+        check_amp_device(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def argument_parser():
+    """detectron2's default arguments, plus --num-cpu-processes."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--num-cpu-processes",
+        type=int,
+        default=0,
+        help="number of CPU processes per machine for distributed training with the gloo "
+        "backend (needs MODEL.DEVICE cpu); --num-gpus is ignored when this is set",
+    )
+    return parser
+
+
+def launch_main(args):
+    """Run :func:`main` in the processes the arguments ask for."""
+    on_cpu = args.num_cpu_processes > 0
+    launch(
+        main,
+        args.num_cpu_processes if on_cpu else args.num_gpus,
+        device="cpu" if on_cpu else "cuda",
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch_main(args)
