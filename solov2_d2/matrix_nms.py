@@ -17,14 +17,15 @@ Then the candidates with decayed score >= ``score_thresh`` are kept, sorted by d
 input score before all of this.
 
 Speed. The reference implementations compute all N x N intersections with one float matrix
-product over whole masks. Here, the only pairs whose intersection is computed are pairs of the
-same image and label whose bounding boxes are connected through overlapping boxes, and only inside
-their union box. Pairs outside these groups have IoU 0, so ratio_ij >= 1 and they cannot change
-any decay. Candidates are grouped into connected components of the graph "same image, same
-label, overlapping boxes"; each component's masks are cropped to the component's box, and the
-components are batched by size (powers of two of member count and box area) into float
-batched matrix products, in chunks of bounded memory. Products of 0/1 values summed in float32
-are exact below 2^24 pixels, so the IoUs are bit-identical to the dense formulation.
+product over whole masks, although only pairs of the same label matter, and only where their masks
+can overlap. Here, candidates are grouped into the connected components of the graph "same image,
+same label, overlapping bounding boxes"; pairs in different components have IoU 0, so their
+ratio_ij >= 1 cannot change any decay. Intersections are computed inside components only, on the
+masks cropped to the component's union box, by batched float matrix products over components of
+similar sizes (binned by powers of two of member count and box area), in chunks of bounded
+memory. Masks are read 8 pixels at a time as int64 words to find their boxes (the one pass over
+all pixels) and to crop them. Sums of 0/1 products in float32 are exact below 2^24, so the IoUs
+are bit-identical to those of the dense formulation.
 
 Device transfers: the shapes of this work depend on the data, so the work plan (component
 counts and sizes per size class) is read to the host once per call, and the component labelling

@@ -60,24 +60,44 @@ def downsample_masks(masks: torch.Tensor, stride: int) -> torch.Tensor:
     uint8 masks): with half-pixel centres, output pixel d samples input position
     stride * d + (stride - 1) / 2, the midpoint of pixels stride * d + stride / 2 - 1 and
     stride * d + stride / 2 in each direction, so the value is the mean of those 2 x 2 pixels;
-    OpenCV's rounding makes a mean of 0.5 a 1. Computed by slicing, so no float copy of the
-    full-resolution masks is made.
+    OpenCV's rounding makes a mean of 0.5 a 1. Only those pixels are read (strided slices), so
+    no float copy of the full-resolution masks is made.
 
     Args:
         masks: bool [M, H, W], H and W divisible by `stride`.
     Returns:
         float [M, H / stride, W / stride] of 0 and 1.
     """
-    m, h, w = masks.shape
+    _, h, w = masks.shape
     if stride % 2 or h % stride or w % stride:
         raise ValueError(
             f"Masks of size {h}x{w} cannot be downsampled by stride {stride}: the stride must be "
             "even and divide the padded size (check the backbone's size_divisibility)."
         )
     first = stride // 2 - 1
-    blocks = masks.view(m, h // stride, stride, w // stride, stride)
-    votes = blocks[:, :, first : first + 2, :, first : first + 2].sum(dim=(2, 4))
+    rows = (masks[:, first::stride], masks[:, first + 1 :: stride])
+    votes = sum(r[:, :, c::stride].to(torch.uint8) for r in rows for c in (first, first + 1))
     return (votes >= 2).float()
+
+
+def _row_and_column_counts(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pixels set per row and per column of bool masks [M, H, W], as int32 [M, H] and [M, W].
+
+    Reducing bool tensors element by element is slow on CPU. Instead every 8 pixels are read as
+    one int64 word and words are added: the 8 bytes of a word act as 8 independent counters as
+    long as none exceeds 255, so sums run over at most 255 words before the bytes are unpacked.
+    That is an 8x shorter reduction with exact integer results.
+    """
+    m, h, w = masks.shape
+    if w % 8:
+        masks = F.pad(masks, (0, 8 - w % 8))
+    words = masks.contiguous().view(torch.uint8).view(torch.int64)  # [M, H, W8]
+    w8 = words.shape[2]
+    lanes = torch.stack([words[:, :, i : i + 255].sum(dim=2) for i in range(0, w8, 255)], 2)
+    rows = lanes.view(torch.uint8).view(m, h, lanes.shape[2] * 8).sum(dim=2, dtype=torch.int32)
+    lanes = torch.stack([words[:, i : i + 255].sum(dim=1) for i in range(0, h, 255)], 1)
+    cols = lanes.view(torch.uint8).view(m, lanes.shape[1], w8 * 8).sum(dim=1, dtype=torch.int32)
+    return rows, cols[:, :w]
 
 
 def _centres_of_mass(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,9 +106,8 @@ def _centres_of_mass(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, t
     Integer sums keep it exact for any image size; the division is in float64.
     """
     _, h, w = masks.shape
-    rows = masks.sum(dim=2)  # [M, H]
-    cols = masks.sum(dim=1)  # [M, W]
-    area = rows.sum(dim=1)
+    rows, cols = _row_and_column_counts(masks)
+    area = rows.sum(dim=1, dtype=torch.int64)
     ys = torch.arange(h, device=masks.device)
     xs = torch.arange(w, device=masks.device)
     denom = area.clamp(min=1).double()

@@ -9,7 +9,7 @@ import torch
 
 import solov2_d2  # noqa: F401  (bridges detectron2 before its import)
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
-from solov2_d2.targets import assign_targets, downsample_masks
+from solov2_d2.targets import _row_and_column_counts, assign_targets, downsample_masks
 
 FRUIT = Path(__file__).resolve().parents[2] / "shared" / "data" / "fruit"
 DEFAULT_GRIDS = [40, 36, 24, 16, 12]
@@ -204,3 +204,13 @@ def test_matches_a_per_instance_loop_on_real_fruit_masks(stem):
     np.testing.assert_array_equal(t.labels[0].numpy(), ref_labels)
     np.testing.assert_array_equal(t.matched[0].numpy(), ref_matched)
     assert (ref_matched >= 0).sum() > 2 * len(labels)
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 64), (2, 600, 2100), (1, 7, 13), (0, 8, 8)])
+def test_row_and_column_counts_are_exact(shape):
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(shape, generator=g) > 0.3
+    masks[:, :, -1] = True  # full last column: the largest count a lane must hold
+    rows, cols = _row_and_column_counts(masks)
+    assert torch.equal(rows, masks.sum(dim=2).int())
+    assert torch.equal(cols, masks.sum(dim=1).int())
