@@ -21,6 +21,8 @@ import logging
 import os
 import weakref
 
+import torch
+
 # Bridges a detectron2 without compiled ops before any detectron2 module is imported.
 import solov2_d2  # noqa: F401  # isort: split
 
@@ -162,6 +164,11 @@ def argument_parser():
 def launch_main(args):
     """Run :func:`main` in the processes the arguments ask for."""
     on_cpu = args.num_cpu_processes > 0
+    if not on_cpu and args.num_gpus * args.num_machines > 1 and not torch.cuda.is_available():
+        raise ValueError(
+            f"--num-gpus {args.num_gpus} (x {args.num_machines} machines) needs CUDA, which "
+            "is not available: for CPU processes use --num-cpu-processes N with MODEL.DEVICE cpu."
+        )
     launch(
         main,
         args.num_cpu_processes if on_cpu else args.num_gpus,

@@ -16,6 +16,7 @@ backend once a process group exists. So this module only adds:
 import logging
 import os
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,7 @@ def launch(
     device: str = "cuda",
     num_machines: int = 1,
     machine_rank: int = 0,
-    dist_url: str = None,
+    dist_url: Optional[str] = None,
     args=(),
     timeout: timedelta = DEFAULT_TIMEOUT,
 ):

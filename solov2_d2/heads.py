@@ -50,6 +50,17 @@ def _conv_norm_relu(in_channels, out_channels, kernel_size, norm, deformable):
     )
 
 
+def _common_channels(input_shape: List[ShapeSpec], key: str, solov2_cfg) -> int:
+    """The channel count shared by all input features of a head (its convs are shared)."""
+    channels = {s.channels for s in input_shape}
+    if len(channels) != 1:
+        raise ValueError(
+            f"MODEL.SOLOV2.{key} {list(solov2_cfg[key])} have different channel counts "
+            f"{sorted(channels)}; the head needs one."
+        )
+    return channels.pop()
+
+
 def _init_normal(module: nn.Module, std: float = 0.01) -> None:
     """Normal(0, std) weights and zero biases for the convolutions (not the DCN offset convs,
     which stay zero so that training starts from a regular sampling grid)."""
@@ -116,14 +127,8 @@ class SOLOv2InstanceHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
         c = cfg.MODEL.SOLOV2
-        channels = {s.channels for s in input_shape}
-        if len(channels) != 1:
-            raise ValueError(
-                f"MODEL.SOLOV2.INSTANCE_IN_FEATURES {list(c.INSTANCE_IN_FEATURES)} have "
-                f"different channel counts {sorted(channels)}; the shared head needs one."
-            )
         return {
-            "in_channels": channels.pop(),
+            "in_channels": _common_channels(input_shape, "INSTANCE_IN_FEATURES", c),
             "num_classes": c.NUM_CLASSES,
             "num_grids": c.NUM_GRIDS,
             "channels": c.INSTANCE_CHANNELS,
@@ -207,14 +212,8 @@ class SOLOv2MaskHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
         c = cfg.MODEL.SOLOV2
-        channels = {s.channels for s in input_shape}
-        if len(channels) != 1:
-            raise ValueError(
-                f"MODEL.SOLOV2.MASK_IN_FEATURES {list(c.MASK_IN_FEATURES)} have different "
-                f"channel counts {sorted(channels)}; the mask branch needs one."
-            )
         return {
-            "in_channels": channels.pop(),
+            "in_channels": _common_channels(input_shape, "MASK_IN_FEATURES", c),
             "num_levels": len(input_shape),
             "channels": c.MASK_CHANNELS,
             "mask_dim": c.MASK_DIM,

@@ -98,7 +98,8 @@ class SOLOv2(nn.Module):
                     f"MODEL.SOLOV2.{key} names {missing}, which the backbone "
                     f"({cfg.MODEL.BACKBONE.NAME}) does not output; it has {sorted(shapes)}."
                 )
-        by_stride = {s.stride: name for name, s in shapes.items()}
+        strides = {name: s.stride for name, s in shapes.items()}
+        by_stride = {s: name for name, s in strides.items()}
         resize_to = []
         for name, stride in zip(c.INSTANCE_IN_FEATURES, c.INSTANCE_STRIDES):
             if shapes[name].stride == stride:
@@ -108,7 +109,7 @@ class SOLOv2(nn.Module):
             else:
                 raise ValueError(
                     f"MODEL.SOLOV2.INSTANCE_STRIDES asks for stride {stride} for {name}, but no "
-                    f"backbone feature has that stride ({ {n: s.stride for n, s in shapes.items()} })."
+                    f"backbone feature has that stride ({strides})."
                 )
         mask_strides = [shapes[f].stride for f in c.MASK_IN_FEATURES]
         if any(b != 2 * a for a, b in zip(mask_strides, mask_strides[1:])):

@@ -6,14 +6,14 @@ import solov2_d2  # noqa: F401  # isort: split
 import cv2
 import numpy as np
 import pytest
+from conftest import REPO
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
-
-from conftest import REPO
-from solov2_d2 import add_solov2_config
 from test_train_net import FRUIT_CONFIG, TINY
+
+from solov2_d2 import add_solov2_config
 
 sys.path.insert(0, str(REPO))
 import demo  # noqa: E402

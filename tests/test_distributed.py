@@ -3,15 +3,17 @@ import sys
 
 import solov2_d2  # noqa: F401  # isort: split
 
+import pytest
 import torch
+from conftest import REPO
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import REPO
 from solov2_d2.distributed import launch
 
 sys.path.insert(0, str(REPO))
 import test_train_net  # noqa: E402
+
 import train_net  # noqa: E402
 
 
@@ -70,3 +72,18 @@ def test_two_cpu_processes_train_in_step_and_gather_evaluation(tmp_path):
     )
     assert sorted(p["image_id"] for p in gathered) == [14, 15, 16, 17]
     assert (out / "inference" / "results.json").exists()
+
+
+def test_train_net_launches_cpu_processes_with_gloo_and_gpus_with_detectron2(monkeypatch):
+    calls = []
+    monkeypatch.setattr(train_net, "launch", lambda *a, **k: calls.append((a, k)))
+    parser = train_net.argument_parser()
+    train_net.launch_main(parser.parse_args(["--num-cpu-processes", "2", "--dist-url", "auto"]))
+    (func, processes), kwargs = calls[-1]
+    assert (func, processes, kwargs["device"]) == (train_net.main, 2, "cpu")
+    assert kwargs["dist_url"] == "auto"
+    train_net.launch_main(parser.parse_args([]))
+    assert calls[-1][0][1:] == (1,) and calls[-1][1]["device"] == "cuda"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--num-cpu-processes"):
+            train_net.launch_main(parser.parse_args(["--num-gpus", "2"]))

@@ -13,19 +13,19 @@ from detectron2.data.datasets import register_lvis_instances
 from detectron2.engine import DefaultPredictor
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.structures import Boxes
-from solov2_d2.postprocess import detections_to_instances
+from solov2_d2.postprocess import detections_to_instances, masks_to_boxes
 
 VAL = "coco_mini_val"
 
 
-def _ground_truth_as_predictions(coco: COCO, image_id: int, category_to_label: dict, gt_boxes=False):
+def _ground_truth_as_predictions(coco: COCO, image_id: int, to_label: dict, gt_boxes=False):
     """One image's non-crowd ground truth as model outputs, through the output path; with
     `gt_boxes`, the annotation boxes replace the boxes derived from the masks."""
     info = coco.imgs[image_id]
     anns = [a for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
     masks = np.stack([coco.annToMask(a) for a in anns]) if anns else np.zeros((0, 1, 1))
     masks = torch.from_numpy(masks).bool().view(len(anns), info["height"], info["width"])
-    classes = torch.tensor([category_to_label[a["category_id"]] for a in anns], dtype=torch.long)
+    classes = torch.tensor([to_label[a["category_id"]] for a in anns], dtype=torch.long)
     instances = detections_to_instances(masks, torch.ones(len(anns)), classes)
     if gt_boxes:
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).view(-1, 4)
@@ -67,7 +67,8 @@ def test_boxes_from_ground_truth_masks_score_near_100_box_ap():
 def _lvis_json_from_coco_mini(path):
     """coco_mini val in LVIS format (categories renumbered 1..80 as LVIS expects)."""
     coco = json.loads(open(MetadataCatalog.get(VAL).json_file).read())
-    new_id = {c["id"]: i + 1 for i, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))}
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    new_id = {c["id"]: i + 1 for i, c in enumerate(categories)}
     for c in coco["categories"]:
         c.update(id=new_id[c["id"]], frequency="f", synonyms=[c["name"]])
     for img in coco["images"]:
@@ -110,6 +111,8 @@ def predictor_cfg():
     # Untrained but with candidates: category scores start near 0.5, so the whole
     # post-processing path (masks, Matrix NMS, pasting) runs on every image.
     cfg.MODEL.SOLOV2.PRIOR_PROB = 0.5
+    cfg.MODEL.SOLOV2.MAX_MASK_CANDIDATES = 100
+    cfg.MODEL.SOLOV2.MAX_PER_IMAGE_TEST = 20
     # Small inputs keep 79 images fast on CPU; the odd-size test below covers full size.
     cfg.INPUT.MIN_SIZE_TEST = 192
     cfg.INPUT.MAX_SIZE_TEST = 320
@@ -121,9 +124,7 @@ def _check_output(out, h, w):
     assert inst.image_size == (h, w)
     assert inst.pred_masks.shape[1:] == (h, w) and inst.pred_masks.dtype == torch.bool
     assert inst.scores.dtype == torch.float32 and inst.pred_classes.dtype == torch.int64
-    assert torch.equal(
-        inst.pred_boxes.tensor, detections_to_instances(inst.pred_masks, inst.scores, inst.pred_classes).pred_boxes.tensor
-    )
+    assert torch.equal(inst.pred_boxes.tensor, masks_to_boxes(inst.pred_masks))
 
 
 def test_default_predictor_on_every_coco_mini_val_image(predictor_cfg):

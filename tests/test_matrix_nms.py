@@ -198,6 +198,14 @@ def test_single_input():
     assert labels.tolist() == [7] and keep.tolist() == [0]
 
 
+def test_tall_masks():
+    # Column extents are summed over blocks of 255 rows: objects below the first block.
+    small, labels, scores = random_candidates(30, height=40, width=16, seed=8)
+    masks = torch.zeros(30, 300, 16, dtype=torch.bool)
+    masks[:, 260:] = small
+    assert_same(matrix_nms(masks, labels, scores), brute_force(masks, labels, scores))
+
+
 def test_unaligned_masks():
     # A view whose storage does not start on an 8-byte boundary.
     masks, labels, scores = random_candidates(20, width=40, seed=5)

@@ -55,7 +55,10 @@ def test_boxes_are_the_tight_bounds_of_the_masks():
     boxes = masks_to_boxes(masks)
     for m, box in zip(masks.numpy(), boxes.tolist()):
         ys, xs = np.nonzero(m)
-        expected = [0, 0, 0, 0] if len(xs) == 0 else [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        if len(xs) == 0:
+            expected = [0, 0, 0, 0]
+        else:
+            expected = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
         assert box == expected
     assert masks_to_boxes(torch.zeros(0, 5, 5, dtype=torch.bool)).shape == (0, 4)
 
@@ -99,7 +102,8 @@ def test_padding_outside_an_image_does_not_change_its_result():
 def test_paste_equals_upsampling_the_whole_padded_map():
     proc = _processor()
     soft = torch.rand(4, 32, 40)
-    for image_size, output in [((128, 160), (128, 160)), ((97, 131), (97, 131)), ((61, 75), (300, 400))]:
+    cases = [((128, 160), (128, 160)), ((97, 131), (97, 131)), ((61, 75), (300, 400))]
+    for image_size, output in cases:
         full = F.interpolate(soft[None], size=(128, 160), mode="bilinear", align_corners=False)
         full = full[..., : image_size[0], : image_size[1]]
         full = F.interpolate(full, size=output, mode="bilinear", align_corners=False)[0] > 0.5

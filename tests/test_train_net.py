@@ -8,7 +8,6 @@ import solov2_d2  # noqa: F401  # isort: split
 
 import pytest
 import torch
-
 from conftest import REPO
 
 sys.path.insert(0, str(REPO))
