@@ -7,7 +7,9 @@ detectron2.modeling` would fail. :func:`install` (run by `import solov2_d2`) bri
 
 * only when `import detectron2._C` fails, it registers a stand-in module. Importing it works;
   using any of its ops raises :class:`MissingCompiledOpError`, which names the op, the feature
-  that needs it and how to get the full build. With a real `_C` nothing is touched.
+  that needs it and how to get the full build. The op that detectron2 calls through
+  `torch.ops.detectron2` (`nms_rotated`) is registered to raise the same error. With a real `_C`
+  nothing is touched.
 * in that case COCO evaluation uses pycocotools' `COCOeval` in place of detectron2's C++
   `COCOeval_opt` (the same metrics, computed in Python).
 * NumPy 1.24 removed the aliases `np.float`, `np.int`, `np.bool` and `np.object`, which
@@ -128,6 +130,30 @@ def _install_compiled_ops_stand_in() -> bool:
         return True
 
 
+# The schemas of the ops that the compiled extension registers with torch (`torch.ops.detectron2`).
+_TORCH_OPS = {
+    "nms_rotated": "nms_rotated(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor"
+}
+_torch_library = None  # kept alive: the registrations live as long as the Library object
+
+
+def _register_missing_torch_ops() -> None:
+    """Make `torch.ops.detectron2.<op>` raise MissingCompiledOpError instead of AttributeError."""
+    global _torch_library
+    if _torch_library is not None:
+        return
+    import torch
+
+    _torch_library = torch.library.Library("detectron2", "DEF")
+    for name, schema in _TORCH_OPS.items():
+
+        def missing(*args, _name=name):
+            return getattr(sys.modules["detectron2._C"], _name)
+
+        _torch_library.define(schema)
+        _torch_library.impl(name, missing, "CompositeExplicitAutograd")
+
+
 def _use_pycocotools_evaluator() -> None:
     """Point COCOEvaluator's fast path at pycocotools, which gives the same metrics."""
     from pycocotools.cocoeval import COCOeval
@@ -172,6 +198,7 @@ def _give_old_modules_numpy_aliases() -> None:
 def install() -> None:
     """Apply the bridges this environment needs (idempotent). See the module docstring."""
     _define_pillow_linear()
-    _give_old_modules_numpy_aliases()
     if _install_compiled_ops_stand_in():
+        _register_missing_torch_ops()
         _use_pycocotools_evaluator()
+    _give_old_modules_numpy_aliases()
