@@ -11,7 +11,8 @@ import time
 import numpy as np
 import torch
 
-import solov2_d2  # noqa: F401  (bridges detectron2 before its import)
+import solov2_d2  # noqa: F401  # isort: split
+
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 from solov2_d2.targets import assign_targets
 

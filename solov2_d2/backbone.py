@@ -1,5 +1,6 @@
 """ResNet + FPN backbone of SOLOv2, with modulated deformable convs (DCNv2) where configured."""
 import fvcore.nn.weight_init as weight_init
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone

@@ -21,11 +21,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
 from detectron2.engine import create_ddp_model as _create_gpu_ddp_model
 from detectron2.engine import launch as _launch_gpus
 from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
 from detectron2.utils import comm
-from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["launch", "create_ddp_model"]
 

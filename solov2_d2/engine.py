@@ -13,6 +13,7 @@
 import os
 
 import torch
+
 from detectron2.checkpoint.catalog import ModelCatalog
 from detectron2.utils.file_io import Detectron2Handler
 

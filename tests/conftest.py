@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-import solov2_d2
+import solov2_d2  # isort: split
+
 from detectron2.config import get_cfg
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import detectron2
+
 from solov2_d2 import compat
 
 
@@ -34,6 +35,7 @@ def test_using_a_missing_op_says_which_and_how_to_get_it():
     if compat.compiled_ops_available():
         pytest.skip("this detectron2 has its compiled ops")
     import torch
+
     from detectron2.layers import nms_rotated
     from detectron2.layers.rotated_boxes import pairwise_iou_rotated
 

@@ -7,11 +7,12 @@ import cv2
 import numpy as np
 import pytest
 from conftest import REPO
+from test_train_net import FRUIT_CONFIG, TINY
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
-from test_train_net import FRUIT_CONFIG, TINY
 
 from solov2_d2 import add_solov2_config
 

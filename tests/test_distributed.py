@@ -6,8 +6,9 @@ import solov2_d2  # noqa: F401  # isort: split
 import pytest
 import torch
 from conftest import REPO
-from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
+
+from detectron2.utils import comm
 
 from solov2_d2.distributed import launch
 

@@ -13,6 +13,7 @@ from detectron2.data.datasets import register_lvis_instances
 from detectron2.engine import DefaultPredictor
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.structures import Boxes
+
 from solov2_d2.postprocess import detections_to_instances, masks_to_boxes
 
 VAL = "coco_mini_val"

@@ -2,15 +2,15 @@ import copy
 
 import pytest
 import torch
+from conftest import REPO
 
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
+
 from solov2_d2 import add_solov2_config
 from solov2_d2.meta_arch import SOLOv2
-
-from conftest import REPO
 
 
 def _synthetic_input(h, w, boxes, classes):

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import solov2_d2  # noqa: F401  (bridges detectron2 before its import)
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
+
+import solov2_d2  # noqa: F401  (bridges detectron2 before its import)
 from solov2_d2.targets import _row_and_column_counts, assign_targets, downsample_masks
 
 FRUIT = Path(__file__).resolve().parents[2] / "shared" / "data" / "fruit"

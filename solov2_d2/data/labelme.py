@@ -22,9 +22,10 @@ import logging
 import os
 import re
 
+from PIL import Image
+
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
-from PIL import Image
 
 __all__ = ["load_labelme_instances", "get_labelme_class_names", "register_labelme_instances"]
 
