@@ -9,6 +9,8 @@ import solov2_d2  # isort: split
 from detectron2.config import get_cfg
 
 REPO = Path(__file__).resolve().parents[1]
+# The shared data and reference files beside the repository (CI has them there too).
+SHARED = REPO.parent / "shared"
 
 
 def small_solov2_cfg(num_classes: int = 3, depth: int = 18):

@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from conftest import REPO, SHARED
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
@@ -12,8 +13,7 @@ from detectron2.modeling import build_model
 from solov2_d2 import add_solov2_config
 from solov2_d2.convert import VARIANTS
 
-REPO = Path(__file__).resolve().parents[1]
-CHECKPOINT_KEYS = REPO.parent / "shared" / "reference" / "checkpoint_keys"
+CHECKPOINT_KEYS = SHARED / "reference" / "checkpoint_keys"
 
 
 def key_list(filename):

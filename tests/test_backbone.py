@@ -1,20 +1,19 @@
 """build_solov2_resnet_fpn_backbone: detectron2's ResNet-FPN, with DCNv2 stages as mmdetection's."""
 import re
-from pathlib import Path
 
 import pytest
 import torch
-
-from solov2_d2.backbone import build_solov2_resnet_fpn_backbone  # isort: split
+from conftest import SHARED
 
 from detectron2.config import get_cfg
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import build_backbone
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 
+from solov2_d2.backbone import build_solov2_resnet_fpn_backbone
 from solov2_d2.deform_conv import ModulatedDeformConv2d
 
-CHECKPOINT_KEYS = Path("/work/shared/reference/checkpoint_keys")
+CHECKPOINT_KEYS = SHARED / "reference" / "checkpoint_keys"
 INPUT = ShapeSpec(channels=3)
 DCN_3_TO_5 = [False, True, True, True]
 

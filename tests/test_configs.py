@@ -3,10 +3,11 @@ import solov2_d2  # noqa: F401  # isort: split
 
 import pytest
 from conftest import REPO
+from torch import nn
+
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
-from torch import nn
 
 from solov2_d2 import add_solov2_config
 from solov2_d2.deform_conv import ModulatedDeformConv2d

@@ -1,18 +1,17 @@
 import json
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED
 
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
-import solov2_d2  # noqa: F401  (bridges detectron2 before its import)
 from solov2_d2.targets import _row_and_column_counts, assign_targets, downsample_masks
 
-FRUIT = Path(__file__).resolve().parents[2] / "shared" / "data" / "fruit"
+FRUIT = SHARED / "data" / "fruit"
 DEFAULT_GRIDS = [40, 36, 24, 16, 12]
 DEFAULT_RANGES = [(1, 96), (48, 192), (96, 384), (192, 768), (384, 2048)]
 
