@@ -5,15 +5,17 @@
     .venv/bin/python bench/bench_targets.py --device cuda
 """
 import argparse
-import statistics
-import time
+from functools import partial
 
 import numpy as np
 import torch
 
 import solov2_d2  # noqa: F401  # isort: split
 
+from bench_matrix_nms import median_ms
+
 from detectron2.structures import BitMasks, Instances, PolygonMasks
+
 from solov2_d2.targets import assign_targets
 
 
@@ -35,6 +37,23 @@ def random_instances(height, width, count, polygons, device, seed=0):
     return inst.to(device)
 
 
+def time_target_assignment(height, width, instances, polygons, repeats, device):
+    """Median ms of assigning the targets of one image with `instances` random instances."""
+    inst = random_instances(height, width, instances, polygons, device)
+    padded = (-(-height // 32) * 32, -(-width // 32) * 32)
+    run = partial(
+        assign_targets,
+        [inst],
+        padded,
+        [40, 36, 24, 16, 12],
+        [(1, 96), (48, 192), (96, 384), (192, 768), (384, 2048)],
+        0.2,
+        80,
+        4,
+    )
+    return median_ms([run], device, warmup=1, repeats=repeats)[0]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--height", type=int, default=800)
@@ -46,33 +65,13 @@ def main():
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    inst = random_instances(args.height, args.width, args.instances, args.polygons, device)
-    padded = (-(-args.height // 32) * 32, -(-args.width // 32) * 32)
-
-    def run():
-        assign_targets(
-            [inst],
-            padded,
-            [40, 36, 24, 16, 12],
-            [(1, 96), (48, 192), (96, 384), (192, 768), (384, 2048)],
-            0.2,
-            80,
-            4,
-        )
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    run()
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1000)
+    ms = time_target_assignment(
+        args.height, args.width, args.instances, args.polygons, args.repeats, device
+    )
     kind = "polygons (rasterised here)" if args.polygons else "bitmasks"
     print(
         f"target assignment, {args.height}x{args.width}, {args.instances} instances as {kind}, "
-        f"{device}, {torch.get_num_threads()} threads: median {statistics.median(times):.1f} ms "
-        f"(min {min(times):.1f}, max {max(times):.1f}) over {args.repeats} runs"
+        f"{device}, {torch.get_num_threads()} threads: median {ms:.1f} ms over {args.repeats} runs"
     )
 
 

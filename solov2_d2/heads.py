@@ -16,6 +16,7 @@ __all__ = [
     "SOLOv2MaskHead",
     "coordinate_channels",
     "dynamic_mask_logits",
+    "flat_mask_features",
     "flatten_levels",
 ]
 
@@ -264,7 +265,7 @@ def dynamic_mask_logits(mask_features: torch.Tensor, kernels: torch.Tensor) -> t
         )
     if k == 1:
         # A 1 x 1 dynamic conv is one batched matrix product.
-        return torch.bmm(kernels, mask_features.flatten(2)).view(b, n, h, w)
+        return torch.bmm(kernels, flat_mask_features(mask_features)).view(b, n, h, w)
     # Images as groups of one grouped convolution.
     out = F.conv2d(
         mask_features.reshape(1, b * e, h, w),
@@ -273,6 +274,12 @@ def dynamic_mask_logits(mask_features: torch.Tensor, kernels: torch.Tensor) -> t
         groups=b,
     )
     return out.view(b, n, h, w)
+
+
+def flat_mask_features(mask_features: torch.Tensor) -> torch.Tensor:
+    """[B, E, H, W] -> [B, E, H * W] without a copy for both contiguous layouts (NCHW and
+    channels-last, which `flatten(2)` would copy); matrix products take either."""
+    return mask_features.movedim(1, 3).flatten(1, 2).transpose(1, 2)
 
 
 def flatten_levels(per_level: List[torch.Tensor]) -> torch.Tensor:

@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MatrixNMSResult", "matrix_nms", "batched_matrix_nms"]
+__all__ = ["MatrixNMSResult", "matrix_nms", "batched_matrix_nms", "mask_boxes"]
 
 # A linear-kernel denominator 1 - comp_i is 0 exactly when mask i duplicates a higher-scored mask
 # of its class. Clamped, it gives ratio_ij = 0 when mask j is that same mask again (iou_ij = 1)
@@ -220,6 +220,12 @@ def _decay_factors(masks, inputs, labels, valid, areas, kernel, sigma) -> torch.
     return decay.view(num_images, num_cands)
 
 
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Inclusive pixel boxes (y0, x0, y1, x1), int64 [M, 4], of bool masks [M, H, W]; an empty
+    mask gets (H, W', -1, -1), W' >= W. Reads the masks 8 pixels at a time."""
+    return _mask_boxes(_mask_words(masks))
+
+
 def _mask_words(masks: torch.Tensor) -> torch.Tensor:
     """int64 [M, H, ceil(W / 8)]: bool masks [M, H, W] read 8 pixels at a time (bytes 0 or 1,
     rows padded with False to a multiple of 8 pixels). Reducing and gathering words moves 8 times
@@ -244,12 +250,12 @@ def _mask_boxes(words: torch.Tensor) -> torch.Tensor:
         # Summing words sums each byte lane separately (no carries below 256): column counts.
         counts = words[:, start : start + _MAX_BYTE_SUM_ROWS].sum(dim=1)
         cols |= counts.view(torch.uint8) > 0
-    y0, y1 = _first_last(rows)
-    x0, x1 = _first_last(cols)
+    y0, y1 = first_last(rows)
+    x0, x1 = first_last(cols)
     return torch.stack([y0, x0, y1, x1], dim=1)
 
 
-def _first_last(flags: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def first_last(flags: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """First and last True index along the last dim of bool [M, L] (int64 [M]); L and -1 for a
     row with no True."""
     length = flags.shape[1]
@@ -334,14 +340,14 @@ class _Components:
         size_bins = max(max_size - 1, 1).bit_length() + 1
         area_bins = max(max_area - 1, 1).bit_length() + 1
         multi = size >= 2
-        bins = torch.where(multi, _ceil_log2(size) * area_bins + _ceil_log2(area),
+        bins = torch.where(multi, ceil_log2(size) * area_bins + ceil_log2(area),
                            size_bins * area_bins)
         num_bins = size_bins * area_bins + 1
         stats = torch.stack(
             [
                 bins.new_zeros(num_bins).index_add_(0, bins, multi.long()),
-                _bin_max(bins, size, num_bins),
-                _bin_max(bins, area, num_bins),
+                bin_max(bins, size, num_bins),
+                bin_max(bins, area, num_bins),
             ]
         )[:, :-1]
         by_bin = torch.sort(bins, stable=True).indices
@@ -355,12 +361,12 @@ class _Components:
             start += count
 
 
-def _ceil_log2(values: torch.Tensor) -> torch.Tensor:
+def ceil_log2(values: torch.Tensor) -> torch.Tensor:
     """int64 ceil(log2(v)) of int64 values >= 1, exactly (0 for 1)."""
     return torch.frexp((values - 1).double()).exponent.long()
 
 
-def _bin_max(bins: torch.Tensor, values: torch.Tensor, num_bins: int) -> torch.Tensor:
+def bin_max(bins: torch.Tensor, values: torch.Tensor, num_bins: int) -> torch.Tensor:
     """int64 [num_bins]: the largest of `values` in each bin, 0 for an empty bin."""
     return values.new_zeros(num_bins).scatter_reduce(0, bins, values, reduce="amax")
 

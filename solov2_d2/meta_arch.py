@@ -152,7 +152,13 @@ class SOLOv2(nn.Module):
             training: dict of scalar losses; inference: list of {"instances": Instances}.
         """
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
+        x = images.tensor
+        if not self.training and x.device.type == "cpu":
+            # oneDNN's CPU convolutions are faster on channels-last (NHWC) tensors (R50 at
+            # 800x1333: -15% backbone and heads time, bench/benchmark.py); the layout propagates
+            # through the network, weights need no conversion.
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(x)
         cate_logits, kernels = self.ins_head(self._instance_features(features))
         mask_features = self.mask_head([features[f] for f in self.mask_in_features])
 

@@ -1,16 +1,36 @@
 """SOLOv2 inference for a whole batch: from head outputs to detectron2 `Instances`."""
-from typing import List, Sequence, Tuple
+import math
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
-from .heads import dynamic_mask_logits, flatten_levels
-from .matrix_nms import batched_matrix_nms
+from .heads import dynamic_mask_logits, flat_mask_features, flatten_levels
+from .matrix_nms import batched_matrix_nms, bin_max, ceil_log2, first_last, mask_boxes
 
-__all__ = ["SOLOv2PostProcessor", "detections_to_instances", "masks_to_boxes", "point_nms"]
+__all__ = [
+    "MaskStatistics",
+    "SOLOv2PostProcessor",
+    "detections_to_instances",
+    "mask_statistics",
+    "masks_to_boxes",
+    "point_nms",
+    "soft_masks",
+]
+
+# CPU only: the candidates' masks are computed a slice of pixels at a time, so that the logits of
+# a slice (all candidates) stay in the cache for the element-wise steps that follow the matrix
+# product, and no full [B, K, H, W] float tensor is ever written (at K = 500 and 200 x 336 it is
+# 134 MB, whose first touch alone costs tens of ms). Slices of this many bytes of logits.
+_CPU_SLICE_BYTES = 4 << 20
+# Pasting: a pasted pixel is a convex combination of soft mask values (two bilinear stages), so
+# it exceeds the threshold t only if one of them exceeds t / (1 + 2^-20) (float rounding of the
+# four 1-D interpolations included). Masks are pasted only where they exceed this fraction of t.
+_PASTE_MARGIN = 1 - 2.0**-18
 
 
 def point_nms(scores: torch.Tensor) -> torch.Tensor:
@@ -28,32 +48,170 @@ def point_nms(scores: torch.Tensor) -> torch.Tensor:
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Tight boxes of bool masks [N, H, W] as float [N, 4] XYXY in detectron2's pixel-edge
     convention (x1 = first column, x2 = last column + 1); an empty mask gives (0, 0, 0, 0)."""
-    n, h, w = masks.shape
-    if n == 0:
+    if masks.shape[0] == 0:
         return torch.zeros((0, 4), dtype=torch.float32, device=masks.device)
-    cols = masks.any(dim=1)  # [N, W]
-    rows = masks.any(dim=2)  # [N, H]
-    # argmax returns the first True; on the flipped axis it finds the last one.
-    x1 = cols.int().argmax(dim=1)
-    x2 = w - cols.flip(1).int().argmax(dim=1)
-    y1 = rows.int().argmax(dim=1)
-    y2 = h - rows.flip(1).int().argmax(dim=1)
-    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
-    return boxes * cols.any(dim=1, keepdim=True)
+    return _boxes_in_window(masks, 0, 0)
+
+
+def _boxes_in_window(masks: torch.Tensor, top, left) -> torch.Tensor:
+    """float [N, 4] XYXY tight boxes of bool masks [N, h, w] that sit at (`top`, `left`) (ints or
+    int64 [N]) of a larger image; (0, 0, 0, 0) for an empty mask."""
+    # (amax of bytes: several times faster than any() of bools.)
+    pixels = masks.view(torch.uint8)
+    y0, y1 = first_last(pixels.amax(dim=2) > 0)
+    x0, x1 = first_last(pixels.amax(dim=1) > 0)
+    boxes = torch.stack([x0 + left, y0 + top, x1 + 1 + left, y1 + 1 + top], dim=1).float()
+    return boxes * (y1 >= 0)[:, None]
 
 
 def detections_to_instances(
-    masks: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor
+    masks: torch.Tensor,
+    scores: torch.Tensor,
+    classes: torch.Tensor,
+    boxes: Optional[torch.Tensor] = None,
 ) -> Instances:
     """The output format: `Instances` of the masks' size with `pred_masks` (bool [N, H, W]),
     `scores` (float [N]), `pred_classes` (int64 [N]) and `pred_boxes` (the masks' tight boxes,
-    so that box AP can be evaluated)."""
+    so that box AP can be evaluated; computed from `masks` unless given as float [N, 4])."""
     result = Instances(tuple(masks.shape[-2:]))
     result.pred_masks = masks
     result.scores = scores
     result.pred_classes = classes
-    result.pred_boxes = Boxes(masks_to_boxes(masks))
+    result.pred_boxes = Boxes(masks_to_boxes(masks) if boxes is None else boxes)
     return result
+
+
+class MaskStatistics(NamedTuple):
+    """What post-processing needs of the candidates' masks (see :func:`mask_statistics`).
+
+    binary: bool [B, K, H, W], soft mask > mask_thresh inside the image.
+    areas: int64 [B, K], pixel counts of `binary`.
+    soft_sums: float32 [B, K], sums of the soft mask over `binary`.
+    support: bool [B, K, S]: whether the soft mask exceeds `support_thresh` anywhere (batch
+        padding included) in each of S slices of `slice_size` consecutive pixels of the
+        flattened H x W map (S = 1 where the masks were not computed in slices).
+    slice_size: int.
+    """
+
+    binary: torch.Tensor
+    areas: torch.Tensor
+    soft_sums: torch.Tensor
+    support: torch.Tensor
+    slice_size: int
+
+
+def mask_statistics(
+    mask_features: torch.Tensor,
+    kernels: torch.Tensor,
+    extents: Sequence[Tuple[int, int]],
+    mask_thresh: float,
+    support_thresh: float,
+) -> MaskStatistics:
+    """The candidates' binary masks and what SOLOv2 rescoring needs of their soft masks, which
+    are not kept.
+
+    The soft masks are sigmoid(dynamic_mask_logits(mask_features, kernels)); the sums are those
+    of the straightforward computation up to the order of float additions.
+
+    Args:
+        mask_features: [B, E, H, W].
+        kernels: [B, K, E * k * k] dynamic kernels.
+        extents: per image, the (rows, cols) of mask pixels that cover the image; pixels
+            outside (batch padding) are never foreground.
+        mask_thresh: binarisation threshold, in [0, 1).
+        support_thresh: threshold of `MaskStatistics.support`.
+    """
+    if not 0 <= mask_thresh < 1:
+        raise ValueError(f"The mask threshold must be in [0, 1), got {mask_thresh}.")
+    b, _, h, w = mask_features.shape
+    k = kernels.shape[1]
+    binary = torch.empty((b, k, h, w), dtype=torch.bool, device=kernels.device)
+    flat_binary = binary.view(b, k, h * w)
+    inside = None
+    if any(rows < h or cols < w for rows, cols in extents):
+        limits = torch.tensor(extents, device=kernels.device)
+        rows = torch.arange(h, device=kernels.device) < limits[:, :1]
+        cols = torch.arange(w, device=kernels.device) < limits[:, 1:]
+        inside = (rows[:, :, None] & cols[:, None, :]).view(b, 1, h * w).to(mask_features.dtype)
+    areas, soft_sums, support = [], [], []
+    for start, soft in _mask_logit_slices(mask_features, kernels):
+        end = start + soft.shape[2]
+        if start == 0:
+            slice_size = end
+        soft.sigmoid_()
+        support.append(soft.amax(dim=2) > support_thresh)
+        if inside is not None:
+            soft.mul_(inside[:, :, start:end])  # 0 is never above a threshold >= 0
+        # soft where > mask_thresh, else 0: soft * binary in one in-place step.
+        F.threshold_(soft, mask_thresh, 0.0)
+        soft_sums.append(soft.sum(dim=2, dtype=torch.float32))
+        # 1 for foreground, 0 elsewhere; float32 sums of these are exact pixel counts (summing
+        # bools would convert them to int64 first, a large temporary).
+        soft.sign_()
+        areas.append(soft.sum(dim=2, dtype=torch.float32))
+        # Nonzero is foreground; a float -> bool copy is several times faster than a comparison.
+        flat_binary[:, :, start:end].copy_(soft)
+    return MaskStatistics(
+        binary,
+        torch.stack(areas).sum(dim=0).long(),
+        torch.stack(soft_sums).sum(dim=0),
+        torch.stack(support, dim=2),
+        slice_size,
+    )
+
+
+def soft_masks(
+    mask_features: torch.Tensor, kernels: torch.Tensor, support: torch.Tensor, slice_size: int
+) -> torch.Tensor:
+    """sigmoid(dynamic_mask_logits(mask_features, kernels)), float [B, N, H, W], computed only in
+    the slices of `slice_size` flattened pixels where `support` (bool [B, N, S], see
+    :class:`MaskStatistics`) is True or is True in a neighbouring slice; 0 elsewhere.
+
+    With slices of at least 2 W + 2 pixels, every pixel within 2 rows and columns of a supported
+    pixel is computed: all that bilinear pasting of the supported pixels reads.
+    """
+    b, e, h, w = mask_features.shape
+    if support.shape[2] == 1:
+        return dynamic_mask_logits(mask_features, kernels).sigmoid_()
+    near = support.clone()
+    near[..., 1:] |= support[..., :-1]
+    near[..., :-1] |= support[..., 1:]
+    # Per slice, the masks to compute (those of each image first): a host read of the plan.
+    counts = near.sum(dim=1).amax(dim=0).tolist()
+    order = torch.sort((~near).to(torch.uint8), dim=1, stable=True).indices
+    soft = _zeros((b, kernels.shape[1], h * w), mask_features.dtype, mask_features.device)
+    features = flat_mask_features(mask_features)
+    images = torch.arange(b, device=kernels.device)[:, None]
+    for i, count in enumerate(counts):
+        if count:
+            start, end = i * slice_size, min((i + 1) * slice_size, h * w)
+            index = order[:, :count, i]
+            selected = kernels.gather(1, index[..., None].expand(-1, -1, kernels.shape[2]))
+            # (Images with fewer masks here compute some other masks: exact values too.)
+            logits = torch.bmm(selected, features[:, :, start:end])
+            soft[images, index, start:end] = logits.sigmoid_()
+    return soft.view(b, -1, h, w)
+
+
+def _mask_logit_slices(
+    mask_features: torch.Tensor, kernels: torch.Tensor
+) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Yield (start, logits [B, K, P]) for consecutive slices of the flattened pixels of
+    `dynamic_mask_logits(mask_features, kernels)`, all of P >= 2 W + 2 pixels but the last; the
+    logits may be overwritten by the caller (each slice reuses the previous one's memory)."""
+    b, e, h, w = mask_features.shape
+    k = kernels.shape[1]
+    if kernels.shape[2] != e or mask_features.device.type != "cpu":
+        # k x k kernels (a convolution), or a device without a cache to keep the slices in.
+        yield 0, dynamic_mask_logits(mask_features, kernels).view(b, k, h * w)
+        return
+    features = flat_mask_features(mask_features)  # [B, E, H * W], a view in either layout
+    step = max(2 * w + 2, _CPU_SLICE_BYTES // (4 * max(b * k, 1)) // 64 * 64)
+    buffer = kernels.new_empty((b, k, step))
+    for start in range(0, h * w, step):
+        size = min(step, h * w - start)
+        out = buffer if size == step else kernels.new_empty((b, k, size))
+        yield start, torch.bmm(kernels, features[:, :, start : start + size], out=out)
 
 
 class SOLOv2PostProcessor:
@@ -68,6 +226,14 @@ class SOLOv2PostProcessor:
 
     Unlike the reference implementations, mask pixels in the batch padding outside an image's
     own area are not counted, so an image gets the same result alone or in any batch.
+
+    Speed (the results are those of the steps above): masks are computed only for candidates
+    above the threshold (none at all when no cell scores); the candidates' masks are reduced to
+    binary masks, areas and maskness sums slice by slice (:func:`mask_statistics`), and the soft
+    masks of the kept detections are computed again afterwards (an exact repeat: at most
+    `max_per_image` of them, a fraction of the candidates); each kept mask is upsampled and resized
+    only inside the window of the output where it can exceed the threshold, and its box is read
+    from that window.
     """
 
     @configurable
@@ -92,7 +258,7 @@ class SOLOv2PostProcessor:
             mask_stride: stride of the mask feature relative to the input.
             score_thresh: minimum category score of a candidate.
             max_mask_candidates: candidates per image whose masks are computed.
-            mask_thresh: binarisation threshold of the soft masks.
+            mask_thresh: binarisation threshold of the soft masks, in [0, 1).
             pre_nms_topk, nms_kernel, nms_sigma: Matrix NMS input size, kernel and sigma.
             update_thresh: minimum score after Matrix NMS.
             max_per_image: detections per image.
@@ -124,6 +290,7 @@ class SOLOv2PostProcessor:
             "max_per_image": c.MAX_PER_IMAGE_TEST,
         }
 
+    @torch.no_grad()
     def __call__(
         self,
         cate_logits: List[torch.Tensor],
@@ -156,20 +323,33 @@ class SOLOv2PostProcessor:
 
         k = min(self.max_mask_candidates, scores.shape[1] * num_classes)
         cand_scores, flat_index = scores.flatten(1).topk(k, dim=1)  # sorted, [B, K]
+        # A host read of the largest candidate count, so that no mask is computed for
+        # candidates below the threshold (often all of them).
+        k = int((cand_scores > self.score_thresh).sum(dim=1).max())
+        if k == 0:
+            soft = mask_features.new_empty((0, *mask_features.shape[2:]))
+            return [
+                self._instances(soft, scores.new_empty(0), flat_index.new_empty(0), size, out)
+                for size, out in zip(image_sizes, output_sizes)
+            ]
+        cand_scores, flat_index = cand_scores[:, :k], flat_index[:, :k]
         cells = flat_index // num_classes
         labels = flat_index % num_classes
         valid = cand_scores > self.score_thresh
 
         cand_kernels = kernels.gather(1, cells[..., None].expand(-1, -1, kernels.shape[2]))
-        soft = dynamic_mask_logits(mask_features, cand_kernels).sigmoid_()  # [B, K, Hm, Wm]
-        binary = (soft > self.mask_thresh) & self._image_areas(image_sizes, soft)
-        areas = binary.sum(dim=(2, 3))
+        s = self.mask_stride
+        extents = [(-(-h // s), -(-w // s)) for h, w in image_sizes]  # ceil
+        stats = mask_statistics(
+            mask_features, cand_kernels, extents, self.mask_thresh,
+            self.mask_thresh * _PASTE_MARGIN,
+        )
+        areas = stats.areas
         valid &= areas > cell_strides[cells]
-        maskness = (soft * binary).sum(dim=(2, 3)) / areas.clamp(min=1)
-        cand_scores = cand_scores * maskness
+        cand_scores = cand_scores * (stats.soft_sums / areas.clamp(min=1))  # maskness
 
         nms = batched_matrix_nms(
-            binary,
+            stats.binary,
             labels,
             cand_scores,
             valid,
@@ -180,50 +360,203 @@ class SOLOv2PostProcessor:
             max_per_image=self.max_per_image,
             mask_areas=areas,
         )
-        kept_masks = soft.gather(
-            1, nms.keep[..., None, None].expand(-1, -1, *soft.shape[-2:])
-        )  # [B, K', Hm, Wm]
-        counts = nms.valid.sum(dim=1).tolist()  # the one host sync: Instances sizes
+        counts = nms.valid.sum(dim=1).tolist()  # host read: Instances sizes
+        num_kept = max(counts, default=0)
+        keep = nms.keep[:, :num_kept]
+        # The soft masks of the kept candidates, computed again where pasting reads them: the
+        # same products as in mask_statistics (bit-identical with MKL on the CPU, whose rows of
+        # a matrix product do not depend on the other rows), for at most max_per_image of the
+        # candidates and only near where they are above the paste margin.
+        soft = soft_masks(
+            mask_features,
+            cand_kernels.gather(1, keep[..., None].expand(-1, -1, cand_kernels.shape[2])),
+            stats.support.gather(1, keep[..., None].expand(-1, -1, stats.support.shape[2])),
+            stats.slice_size,
+        )  # [B, N, Hm, Wm]
 
         return [
-            detections_to_instances(
-                self._paste(kept_masks[i, : counts[i]], image_sizes[i], output_sizes[i]),
-                nms.scores[i, : counts[i]],
-                nms.labels[i, : counts[i]],
+            self._instances(
+                soft[i, :n], nms.scores[i, :n], nms.labels[i, :n], image_sizes[i], output_sizes[i]
             )
-            for i in range(num_images)
+            for i, n in enumerate(counts)
         ]
 
-    def _image_areas(self, image_sizes, masks: torch.Tensor) -> torch.Tensor:
-        """bool [B, 1, Hm, Wm]: the pixels of `masks` [B, K, Hm, Wm] that cover each image
-        (not the batch padding)."""
-        hm, wm = masks.shape[-2:]
-        sizes = torch.tensor(image_sizes, device=masks.device)
-        extent = (sizes + self.mask_stride - 1) // self.mask_stride  # [B, 2], ceil
-        rows = torch.arange(hm, device=sizes.device) < extent[:, :1]  # [B, Hm]
-        cols = torch.arange(wm, device=sizes.device) < extent[:, 1:]  # [B, Wm]
-        return (rows[:, :, None] & cols[:, None, :])[:, None]
+    def _instances(self, soft, scores, labels, image_size, output_size) -> Instances:
+        """`Instances` of one image from the soft masks [N, Hm, Wm] of its detections."""
+        masks, boxes = self._paste(soft, image_size, output_size)
+        return detections_to_instances(masks, scores, labels, boxes)
 
-    def _paste(self, soft, image_size, output_size) -> torch.Tensor:
-        """Soft masks [N, Hm, Wm] -> bool [N, height, width] masks of the requested output.
+    def _paste(self, soft, image_size, output_size) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Soft masks [N, Hm, Wm] -> bool [N, height, width] masks of the requested output and
+        their float [N, 4] XYXY tight boxes.
 
-        Upsampled by `mask_stride` (bilinear), cropped to the image's own area and resized to
-        the output size, then thresholded. Only the rows and columns that bilinear upsampling
-        reads for the image's own pixels (its extent plus one) are upsampled: the result is
-        identical to upsampling the whole padded map, for less work.
+        The result is that of upsampling the masks by `mask_stride` (bilinear), cropping the
+        image's own area, resizing it to the output size (bilinear) and thresholding, but each
+        mask is processed only inside the window of the output where it can exceed the threshold
+        (outside, every soft value it depends on is below `_PASTE_MARGIN` times the threshold).
+        Masks with windows of similar sizes are processed together, padded to the largest
+        window. The upsampling is F.interpolate of a crop, bit-identical to that of the whole
+        map for power-of-two strides; the resizing, where the output size is not the image's,
+        gathers and weights pixels as F.interpolate does, identical up to float rounding.
         """
-        h, w = image_size
-        if soft.shape[0] == 0:
-            return torch.zeros((0, *output_size), dtype=torch.bool, device=soft.device)
+        num = soft.shape[0]
+        height, width = output_size
+        masks = _zeros((num, height, width), torch.bool, soft.device)
+        boxes = torch.zeros((num, 4), device=soft.device)
+        if num == 0:
+            return masks, boxes
         s = self.mask_stride
-        rows = min(soft.shape[1], -(-h // s) + 1)
-        cols = min(soft.shape[2], -(-w // s) + 1)
-        x = F.interpolate(
-            soft[None, :, :rows, :cols],
-            size=(rows * s, cols * s),
-            mode="bilinear",
-            align_corners=False,
-        )[..., :h, :w]
-        if (h, w) != tuple(output_size):
-            x = F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)
-        return x[0] > self.mask_thresh
+        # The mask pixels that bilinear upsampling reads for the image's own pixels.
+        rows = min(soft.shape[1], -(-image_size[0] // s) + 1)
+        cols = min(soft.shape[2], -(-image_size[1] // s) + 1)
+        axis_y = _PasteAxis(image_size[0], height, rows, s, soft.device)
+        axis_x = _PasteAxis(image_size[1], width, cols, s, soft.device)
+        # Boxes of the pixels above the margin, cut to those that the image's pixels read.
+        high = mask_boxes(soft > self.mask_thresh * _PASTE_MARGIN)
+        top, bottom = axis_y.windows(high[:, 0], high[:, 2].clamp(max=rows - 1))
+        left, right = axis_x.windows(high[:, 1], high[:, 3].clamp(max=cols - 1))
+        sizes_y, sizes_x = bottom - top, right - left
+
+        # Group the masks by window size class (powers of two); read the groups' counts and
+        # largest sizes to the host.
+        classes = max(height, width).bit_length() + 1
+        nonempty = (sizes_y > 0) & (sizes_x > 0)
+        bins = torch.where(
+            nonempty,
+            ceil_log2(sizes_y.clamp(min=1)) * classes + ceil_log2(sizes_x.clamp(min=1)),
+            classes * classes,
+        )
+        num_bins = classes * classes + 1
+        stats = torch.stack(
+            [
+                bins.new_zeros(num_bins).index_add_(0, bins, nonempty.long()),
+                bin_max(bins, sizes_y, num_bins),
+                bin_max(bins, sizes_x, num_bins),
+            ]
+        )[:, :-1]
+        by_bin = torch.sort(bins, stable=True).indices
+        start = 0
+        for count, size_y, size_x in zip(*stats.tolist()):
+            if count:
+                index = by_bin[start : start + count]
+                y0 = top[index].clamp(max=height - size_y)
+                x0 = left[index].clamp(max=width - size_x)
+                window = self._window_masks(soft, index, axis_y, axis_x, y0, x0, size_y, size_x)
+                # The windows' rows are disjoint runs of the output's pixels.
+                rows = _window(index * height + y0, size_y) * width + x0[:, None]
+                _runs(masks, size_x)[rows.flatten()] = window.view(-1, size_x)
+                boxes[index] = _boxes_in_window(window, y0, x0)
+            start += count
+        return masks, boxes
+
+    def _window_masks(self, soft, index, axis_y, axis_x, y0, x0, size_y: int, size_x: int):
+        """bool [n, size_y, size_x]: the output windows at (y0, x0) (int64 [n]) of the masks
+        `index` (int64 [n]) of `soft` [N, Hm, Wm], all of one size."""
+        s = self.mask_stride
+        crop_y, crop_h = axis_y.crop(y0, size_y)
+        crop_x, crop_w = axis_x.crop(x0, size_x)
+        rows = _window(index * soft.shape[1] + crop_y, crop_h) * soft.shape[2] + crop_x[:, None]
+        crops = _runs(soft, crop_w)[rows.flatten()].view(-1, 1, crop_h, crop_w)
+        up = F.interpolate(
+            crops, size=(crop_h * s, crop_w * s), mode="bilinear", align_corners=False
+        )[:, 0]
+        # Resizing: columns first, then rows (F.interpolate's order); then the window.
+        if axis_x.resized:
+            up = axis_x.resample(up, x0, crop_x, size_x)
+        if axis_y.resized:
+            up = axis_y.resample(up.transpose(1, 2), y0, crop_y, size_y).transpose(1, 2)
+        up = (up > self.mask_thresh).contiguous()
+        height, width = up.shape[1:]
+        rows = _window(torch.arange(len(index), device=up.device) * height, size_y)
+        rows = (rows + axis_y.window_start(y0, crop_y)[:, None]) * width
+        rows = rows + axis_x.window_start(x0, crop_x)[:, None]
+        return _runs(up, size_x)[rows.flatten()].view(-1, size_y, size_x)
+
+
+def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled tensor. On the CPU (bool and float32) it is numpy's (calloc) memory, which
+    the OS zeroes lazily when a page is first touched: filling small parts of a large tensor
+    then does not pay for clearing all of it (100 masks of 800 x 1333 are 107 MB)."""
+    numpy_dtype = {torch.bool: np.bool_, torch.float32: np.float32}.get(dtype)
+    if device.type == "cpu" and numpy_dtype is not None:
+        return torch.from_numpy(np.zeros(shape, dtype=numpy_dtype))
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _window(start: torch.Tensor, size: int) -> torch.Tensor:
+    """int64 [N, size]: positions start .. start + size - 1 of each of N windows."""
+    return start[:, None] + torch.arange(size, device=start.device)
+
+
+def _runs(x: torch.Tensor, length: int) -> torch.Tensor:
+    """[x.numel() - length + 1, length], a view of contiguous x whose row p is x's flattened
+    elements p .. p + length - 1. Its rows overlap: read any of them, or write rows that do not
+    overlap one another. Indexing it moves runs of `length` contiguous elements, many times
+    faster than indexing them one by one (advanced indexing of 3 dims)."""
+    return x.view(-1).as_strided((x.numel() - length + 1, length), (1, 1))
+
+
+class _PasteAxis:
+    """One axis (rows or columns) of pasting: mask pixels 0 .. `extent` - 1 are upsampled by
+    `stride` (bilinear); of the result, the image's `size` pixels are resized to `out_size`
+    (bilinear, align_corners False). Positions along the axis are int64 [N] tensors, one per
+    mask; sizes are host ints shared by a group of masks.
+    """
+
+    def __init__(self, size: int, out_size: int, extent: int, stride: int, device):
+        self.size, self.out_size, self.extent, self.stride = size, out_size, extent, stride
+        self.resized = size != out_size
+        if self.resized:
+            # F.interpolate's source coordinate of each output pixel and its two neighbours.
+            scale = torch.tensor(size, dtype=torch.float32, device=device) / out_size
+            source = (torch.arange(out_size, device=device) + 0.5) * scale - 0.5
+            source = source.clamp(min=0)
+            self.first = source.floor().long().clamp(max=size - 1)
+            self.second = (self.first + 1).clamp(max=size - 1)
+            self.weight = source - self.first  # of the second
+
+    def windows(self, low: torch.Tensor, high: torch.Tensor):
+        """Output windows [start, end) (int64 [N] each) outside which a mask whose pixels above
+        the paste margin lie in [low, high] (high < low: none) cannot exceed the threshold."""
+        s = self.stride
+        # Upsampled pixel u reads mask pixels floor((u + 0.5) / s - 0.5) and the next one.
+        start = ((low - 1) * s).clamp(0, self.size)
+        end = ((high + 2) * s).clamp(0, self.size)
+        if self.resized:
+            start = torch.searchsorted(self.second, start)
+            end = torch.searchsorted(self.first, end - 1, right=True)
+        return start, torch.where(high >= low, end, start)
+
+    def crop(self, start: torch.Tensor, size: int) -> Tuple[torch.Tensor, int]:
+        """The mask pixels [crop_start, crop_start + crop_size) to upsample for the output
+        windows [start, start + size): crop_start int64 [N], crop_size a host int."""
+        s = self.stride
+        # The windows read upsampled pixels first .. first + span at most.
+        if self.resized:
+            first = self.first[start]
+            span = math.ceil((size - 1) * self.size / self.out_size) + 3  # +1: float rounding
+        else:
+            first, span = start, size - 1
+        # Upsampled pixel u reads mask pixels u // s - 1 .. u // s + 1 at most: the windows read
+        # no mask pixel outside the crop, and no upsampled pixel that F.interpolate's clamping at
+        # the crop's borders (unlike the whole map's) changes.
+        crop_size = min(self.extent, span // s + 4)
+        return (first // s - 1).clamp(0, self.extent - crop_size), crop_size
+
+    def resample(self, x, start, crop_start, size: int) -> torch.Tensor:
+        """Resize along the last dim: output pixels [start, start + size) of upsampled crops x
+        (float [N, R, C], starting at upsampled pixel crop_start * stride)."""
+        offset = (crop_start * self.stride)[:, None]
+        position = _window(start, size)
+        shape = (*x.shape[:2], size)
+        first = (self.first[position] - offset)[:, None].expand(shape)
+        second = (self.second[position] - offset)[:, None].expand(shape)
+        weight = self.weight[position][:, None]
+        return x.gather(2, first) * (1 - weight) + x.gather(2, second) * weight
+
+    def window_start(self, start, crop_start) -> torch.Tensor:
+        """int64 [N]: where output pixel `start` is in upsampled crops (starting at upsampled
+        pixel crop_start * stride) that were resized if needed."""
+        if self.resized:
+            return torch.zeros_like(start)
+        return start - crop_start * self.stride

@@ -11,6 +11,7 @@ from solov2_d2.heads import (
     SOLOv2MaskHead,
     coordinate_channels,
     dynamic_mask_logits,
+    flat_mask_features,
     flatten_levels,
 )
 
@@ -107,3 +108,16 @@ def test_flatten_levels_layout():
     assert flat.shape == (1, 13, 2)
     assert flat[0, 5].tolist() == [5.0, 17.0]  # row 1, col 1 of the first level
     assert flat[0, 12].tolist() == [0.0, 1.0]
+
+
+def test_flat_mask_features_are_views_in_both_layouts():
+    feats = torch.randn(2, 8, 5, 6)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = feats.contiguous(memory_format=layout)
+        flat = flat_mask_features(x)
+        assert flat.shape == (2, 8, 30) and flat.data_ptr() == x.data_ptr()
+        assert torch.equal(flat, feats.flatten(2))
+        kernels = torch.randn(2, 3, 8)
+        torch.testing.assert_close(
+            dynamic_mask_logits(x, kernels), dynamic_mask_logits(feats, kernels)
+        )

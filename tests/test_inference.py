@@ -12,6 +12,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_lvis_instances
 from detectron2.engine import DefaultPredictor
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
+from detectron2.modeling import build_model
 from detectron2.structures import Boxes
 
 from solov2_d2.postprocess import detections_to_instances, masks_to_boxes
@@ -177,3 +178,24 @@ def test_grayscale_works_and_four_channels_fail_clearly(predictor_cfg):
     _check_output(predictor(gray), 64, 80)
     with pytest.raises(ValueError, match="COLOR_BGRA2BGR"):
         predictor(np.zeros((64, 80, 4), dtype=np.uint8))
+
+
+def test_cpu_inference_is_channels_last_with_the_same_results(predictor_cfg):
+    """CPU inference runs the network on channels-last tensors (faster oneDNN convolutions);
+    its outputs equal those of the NCHW layout up to float rounding."""
+    torch.manual_seed(0)
+    model = build_model(predictor_cfg).eval()
+    seen = {}
+    hooks = [
+        model.backbone.register_forward_pre_hook(lambda m, args: seen.update(x=args[0])),
+        model.mask_head.register_forward_hook(lambda m, args, out: seen.update(out=out)),
+    ]
+    inputs = [{"image": torch.randint(0, 256, (3, 192, 256), dtype=torch.uint8)}]
+    with torch.no_grad():
+        model(inputs)
+        for hook in hooks:
+            hook.remove()
+        features = model.backbone(model.preprocess_image(inputs).tensor)
+        expected = model.mask_head([features[f] for f in model.mask_in_features])
+    assert seen["x"].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(seen["out"], expected, rtol=1e-4, atol=1e-4)

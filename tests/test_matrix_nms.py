@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import solov2_d2.matrix_nms as matrix_nms_module
-from solov2_d2.matrix_nms import batched_matrix_nms, matrix_nms
+from solov2_d2.matrix_nms import batched_matrix_nms, mask_boxes, matrix_nms
 
 
 def brute_force(masks, labels, scores, kernel="gaussian", sigma=2.0):
@@ -257,3 +257,18 @@ def test_cuda_matches_cpu():
     for a, b in zip(cpu, cuda):
         assert b.is_cuda
         torch.testing.assert_close(b.cpu(), a)
+
+
+@pytest.mark.parametrize("width", [16, 37])
+def test_mask_boxes_are_the_tight_inclusive_boxes(width):
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(30, 300, width, generator=g) > 0.995  # taller than 255 rows
+    masks[0] = False
+    masks[1, 299, width - 1] = True
+    boxes = mask_boxes(masks)
+    for m, (y0, x0, y1, x1) in zip(masks, boxes.tolist()):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        if len(ys) == 0:
+            assert y1 == x1 == -1 and y0 == 300 and x0 >= width
+        else:
+            assert (y0, x0, y1, x1) == (ys.min(), xs.min(), ys.max(), xs.max())

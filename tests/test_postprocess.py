@@ -1,10 +1,20 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from solov2_d2 import postprocess as pp
-from solov2_d2.postprocess import SOLOv2PostProcessor, masks_to_boxes, point_nms
+from solov2_d2.heads import dynamic_mask_logits, flatten_levels
+from solov2_d2.matrix_nms import batched_matrix_nms
+from solov2_d2.postprocess import (
+    SOLOv2PostProcessor,
+    mask_statistics,
+    masks_to_boxes,
+    point_nms,
+    soft_masks,
+)
 
 GRIDS = [40, 36, 24, 16, 12]
 
@@ -99,30 +109,183 @@ def test_padding_outside_an_image_does_not_change_its_result():
     assert torch.equal(small.pred_masks, padded.pred_masks)
 
 
-def test_paste_equals_upsampling_the_whole_padded_map():
+def _reference_paste(soft, image_size, output_size, stride=4, thresh=0.5):
+    """The straightforward pasting: upsample the whole padded soft masks [N, Hm, Wm], crop the
+    image, resize to the output size; also the bilinear values before thresholding."""
+    up = F.interpolate(
+        soft[None], scale_factor=stride, mode="bilinear", align_corners=False
+    )[..., : image_size[0], : image_size[1]]
+    if tuple(output_size) != tuple(image_size):
+        up = F.interpolate(up, size=output_size, mode="bilinear", align_corners=False)
+    return up[0] > thresh, up[0]
+
+
+def _reference_postprocess(proc, cate_logits, kernels, mask_features, image_sizes, output_sizes):
+    """SOLOv2PostProcessor's steps done the straightforward way: all soft masks of the top
+    candidates at once, whole-map pasting, boxes from the full masks."""
+    scores = flatten_levels([point_nms(x.sigmoid()) for x in cate_logits])
+    kernels = flatten_levels(kernels)
+    cell_strides = torch.cat(
+        [torch.full((x.shape[2] * x.shape[3],), s) for x, s in zip(cate_logits, proc.strides)]
+    )
+    num_classes = scores.shape[2]
+    k = min(proc.max_mask_candidates, scores.shape[1] * num_classes)
+    cand_scores, flat_index = scores.flatten(1).topk(k, dim=1)
+    cells, labels = flat_index // num_classes, flat_index % num_classes
+    valid = cand_scores > proc.score_thresh
+    cand_kernels = kernels.gather(1, cells[..., None].expand(-1, -1, kernels.shape[2]))
+    soft = dynamic_mask_logits(mask_features, cand_kernels).sigmoid()
+    inside = torch.zeros(soft.shape[0], 1, *soft.shape[2:], dtype=torch.bool)
+    for i, (h, w) in enumerate(image_sizes):
+        inside[i, :, : -(-h // 4), : -(-w // 4)] = True
+    binary = (soft > proc.mask_thresh) & inside
+    areas = binary.sum(dim=(2, 3))
+    valid &= areas > cell_strides[cells]
+    cand_scores = cand_scores * (soft * binary).sum(dim=(2, 3)) / areas.clamp(min=1)
+    nms = batched_matrix_nms(
+        binary, labels, cand_scores, valid, kernel=proc.nms_kernel, sigma=proc.nms_sigma,
+        score_thresh=proc.update_thresh, pre_nms_topk=proc.pre_nms_topk,
+        max_per_image=proc.max_per_image, mask_areas=areas,
+    )
+    results = []
+    for i, n in enumerate(nms.valid.sum(dim=1).tolist()):
+        masks = _reference_paste(soft[i, nms.keep[i, :n]], image_sizes[i], output_sizes[i])[0]
+        results.append((masks, nms.scores[i, :n], nms.labels[i, :n], masks_to_boxes(masks)))
+    return results
+
+
+@pytest.mark.parametrize(
+    "kernel,sliced", [("gaussian", False), ("linear", False), ("gaussian", True)]
+)
+def test_results_equal_the_straightforward_path(monkeypatch, kernel, sliced):
+    if sliced:  # the smallest slices: 2 mask rows + 2 pixels
+        monkeypatch.setattr(pp, "_CPU_SLICE_BYTES", 1)
+    sizes = [(128, 160), (100, 130), (61, 75)]
+    outputs = [(128, 160), (200, 260), (50, 61)]
+    cate, kernels, feats = _head_outputs(3, seed=7)
+    proc = _processor(score_thresh=0.2, nms_kernel=kernel, max_mask_candidates=300)
+    ours = proc(cate, kernels, feats, sizes, outputs)
+    reference = _reference_postprocess(proc, cate, kernels, feats, sizes, outputs)
+    assert sum(len(r) for r in ours) > 30
+    for r, (masks, scores, labels, boxes) in zip(ours, reference):
+        torch.testing.assert_close(r.scores, scores)
+        assert torch.equal(r.pred_classes, labels)
+        assert torch.equal(r.pred_masks, masks)
+        assert torch.equal(r.pred_boxes.tensor, boxes)
+
+
+def test_channels_last_mask_features_give_the_same_results():
+    cate, kernels, feats = _head_outputs(2, seed=2)
+    proc = _processor(score_thresh=0.2)
+    args = ([(128, 160), (97, 150)], [(128, 160), (97, 150)])
+    a = proc(cate, kernels, feats, *args)
+    b = proc(cate, kernels, feats.contiguous(memory_format=torch.channels_last), *args)
+    assert sum(len(r) for r in a) > 10
+    for x, y in zip(a, b):
+        assert torch.equal(x.scores, y.scores) and torch.equal(x.pred_masks, y.pred_masks)
+
+
+def _random_soft_masks(num, height, width, seed):
+    """Soft masks [num, H, W] of every size: discs of radii from below a pixel to larger than
+    the map, anywhere including across the borders, with noise; plus empty and full masks."""
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.arange(height, dtype=torch.float32)[:, None]
+    xs = torch.arange(width, dtype=torch.float32)[None, :]
+    cy = torch.rand(num, generator=g) * (height + 8) - 4
+    cx = torch.rand(num, generator=g) * (width + 8) - 4
+    radius = torch.exp(torch.rand(num, generator=g) * math.log(2 * max(height, width) / 0.3))
+    radius = radius * 0.3
+    dist = ((ys - cy[:, None, None]) ** 2 + (xs - cx[:, None, None]) ** 2).sqrt()
+    logits = (radius[:, None, None] - dist) / 2 + 0.3 * torch.randn(num, height, width, generator=g)
+    logits[0] = -5  # empty
+    logits[1] = 5  # everything
+    return logits.sigmoid()
+
+
+@pytest.mark.parametrize(
+    "image_size,output_size",
+    [
+        ((128, 160), (128, 160)),  # no padding
+        ((97, 131), (97, 131)),  # padding: the mask map is larger than the image
+        ((61, 75), (300, 400)),  # upscaled output
+        ((128, 160), (77, 93)),  # downscaled output
+        ((100, 157), (100, 203)),  # only the width resized
+    ],
+)
+def test_paste_equals_upsampling_the_whole_padded_map(image_size, output_size):
     proc = _processor()
-    soft = torch.rand(4, 32, 40)
-    cases = [((128, 160), (128, 160)), ((97, 131), (97, 131)), ((61, 75), (300, 400))]
-    for image_size, output in cases:
-        full = F.interpolate(soft[None], size=(128, 160), mode="bilinear", align_corners=False)
-        full = full[..., : image_size[0], : image_size[1]]
-        full = F.interpolate(full, size=output, mode="bilinear", align_corners=False)[0] > 0.5
-        assert torch.equal(proc._paste(soft, image_size, output), full)
+    soft = _random_soft_masks(60, 32, 40, seed=sum(output_size))
+    masks, boxes = proc._paste(soft, image_size, output_size)
+    expected, values = _reference_paste(soft, image_size, output_size)
+    assert masks.shape == expected.shape and masks.dtype == torch.bool
+    differ = masks != expected
+    if tuple(output_size) == tuple(image_size):
+        assert not differ.any()  # the upsampling is F.interpolate's, bit for bit
+    else:
+        # The resizing is equal up to float rounding: only pixels at the threshold may differ.
+        assert ((values[differ] - 0.5).abs() < 1e-5).all()
+    assert torch.equal(boxes, masks_to_boxes(masks))
+    assert 0 < masks.flatten(1).any(dim=1).sum() < len(masks)  # empty, partial and full masks
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mask_statistics_equal_the_straightforward_computation(monkeypatch, batch):
+    # Small slices: several per image even for this small map.
+    monkeypatch.setattr(pp, "_CPU_SLICE_BYTES", 4 * batch * 50 * 128)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(batch, 16, 24, 40, generator=g)
+    extents = [(24, 40), (20, 31), (24, 35)][:batch]
+    for kernel_size in (1, 3):
+        kernels = torch.randn(batch, 50, 16 * kernel_size**2, generator=g)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            stats = mask_statistics(
+                feats.contiguous(memory_format=layout), kernels, extents, 0.5, 0.9
+            )
+            soft = dynamic_mask_logits(feats, kernels).sigmoid()
+            expected = soft > 0.5
+            for i, (rows, cols) in enumerate(extents):
+                expected[i, :, rows:] = False
+                expected[i, :, :, cols:] = False
+            assert torch.equal(stats.binary, expected)
+            assert torch.equal(stats.areas, expected.sum(dim=(2, 3)))
+            torch.testing.assert_close(stats.soft_sums, (soft * expected).sum(dim=(2, 3)))
+            size = stats.slice_size
+            assert stats.support.shape[2] == (1 if kernel_size == 3 else -(-24 * 40 // size))
+            padded = F.pad(soft.flatten(2), (0, -soft[0, 0].numel() % size))
+            support = padded.view(batch, 50, -1, size).amax(dim=3) > 0.9
+            assert torch.equal(stats.support, support)
+
+            # Computed again where supported: exact within two rows of the supported pixels.
+            again = soft_masks(feats, kernels, stats.support, size)
+            assert torch.equal(again > 0.9, soft > 0.9)
+            near = F.max_pool2d((soft > 0.9).float(), 5, stride=1, padding=2) > 0
+            assert torch.equal(again[near], soft[near])
+            assert (again[~near] <= 0.9).all()
+    with pytest.raises(ValueError, match="threshold"):
+        mask_statistics(feats, kernels, extents, 1.0, 1.0)
 
 
 def test_masks_are_computed_only_for_the_top_candidates(monkeypatch):
     seen = []
-    real = pp.dynamic_mask_logits
+    real = pp.mask_statistics
 
-    def spy(features, kernels):
+    def spy(features, kernels, *args):
         seen.append(kernels.shape)
-        return real(features, kernels)
+        return real(features, kernels, *args)
 
-    monkeypatch.setattr(pp, "dynamic_mask_logits", spy)
+    monkeypatch.setattr(pp, "mask_statistics", spy)
     cate, kernels, feats = _head_outputs(2)
     cate = [torch.full_like(c, 5.0) for c in cate]  # every (cell, class) above threshold
     _processor(max_mask_candidates=37)(cate, kernels, feats, [(128, 160)] * 2, [(128, 160)] * 2)
     assert seen == [torch.Size([2, 37, 16])]
+    # Only candidates above the threshold: none computes no mask at all.
+    cate = [torch.full_like(c, -5.0) for c in cate]
+    cate[2][1, 3, 5, 7] = 5.0
+    _processor()(cate, kernels, feats, [(128, 160)] * 2, [(128, 160)] * 2)
+    assert seen[1] == torch.Size([2, 1, 16])
+    cate[2][1, 3, 5, 7] = -5.0
+    results = _processor()(cate, kernels, feats, [(128, 160)] * 2, [(128, 160)] * 2)
+    assert len(seen) == 2 and [len(r) for r in results] == [0, 0]
 
 
 def test_limits_and_thresholds():
