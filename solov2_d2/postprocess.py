@@ -1,32 +1,24 @@
 """SOLOv2 inference for a whole batch: from head outputs to detectron2 `Instances`."""
 import math
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
-from .heads import dynamic_mask_logits, flat_mask_features, flatten_levels
+from .candidate_masks import candidate_masks, lazy_zeros, runs
+from .heads import flatten_levels
 from .matrix_nms import batched_matrix_nms, bin_max, ceil_log2, first_last, mask_boxes
 
 __all__ = [
-    "MaskStatistics",
     "SOLOv2PostProcessor",
     "detections_to_instances",
-    "mask_statistics",
     "masks_to_boxes",
     "point_nms",
-    "soft_masks",
 ]
 
-# CPU only: the candidates' masks are computed a slice of pixels at a time, so that the logits of
-# a slice (all candidates) stay in the cache for the element-wise steps that follow the matrix
-# product, and no full [B, K, H, W] float tensor is ever written (at K = 500 and 200 x 336 it is
-# 134 MB, whose first touch alone costs tens of ms). Slices of this many bytes of logits.
-_CPU_SLICE_BYTES = 4 << 20
 # Pasting: a pasted pixel is a convex combination of soft mask values (two bilinear stages), so
 # it exceeds the threshold t only if one of them exceeds t / (1 + 2^-20) (float rounding of the
 # four 1-D interpolations included). Masks are pasted only where they exceed this fraction of t.
@@ -81,139 +73,6 @@ def detections_to_instances(
     return result
 
 
-class MaskStatistics(NamedTuple):
-    """What post-processing needs of the candidates' masks (see :func:`mask_statistics`).
-
-    binary: bool [B, K, H, W], soft mask > mask_thresh inside the image.
-    areas: int64 [B, K], pixel counts of `binary`.
-    soft_sums: float32 [B, K], sums of the soft mask over `binary`.
-    support: bool [B, K, S]: whether the soft mask exceeds `support_thresh` anywhere (batch
-        padding included) in each of S slices of `slice_size` consecutive pixels of the
-        flattened H x W map (S = 1 where the masks were not computed in slices).
-    slice_size: int.
-    """
-
-    binary: torch.Tensor
-    areas: torch.Tensor
-    soft_sums: torch.Tensor
-    support: torch.Tensor
-    slice_size: int
-
-
-def mask_statistics(
-    mask_features: torch.Tensor,
-    kernels: torch.Tensor,
-    extents: Sequence[Tuple[int, int]],
-    mask_thresh: float,
-    support_thresh: float,
-) -> MaskStatistics:
-    """The candidates' binary masks and what SOLOv2 rescoring needs of their soft masks, which
-    are not kept.
-
-    The soft masks are sigmoid(dynamic_mask_logits(mask_features, kernels)); the sums are those
-    of the straightforward computation up to the order of float additions.
-
-    Args:
-        mask_features: [B, E, H, W].
-        kernels: [B, K, E * k * k] dynamic kernels.
-        extents: per image, the (rows, cols) of mask pixels that cover the image; pixels
-            outside (batch padding) are never foreground.
-        mask_thresh: binarisation threshold, in [0, 1).
-        support_thresh: threshold of `MaskStatistics.support`.
-    """
-    if not 0 <= mask_thresh < 1:
-        raise ValueError(f"The mask threshold must be in [0, 1), got {mask_thresh}.")
-    b, _, h, w = mask_features.shape
-    k = kernels.shape[1]
-    binary = torch.empty((b, k, h, w), dtype=torch.bool, device=kernels.device)
-    flat_binary = binary.view(b, k, h * w)
-    inside = None
-    if any(rows < h or cols < w for rows, cols in extents):
-        limits = torch.tensor(extents, device=kernels.device)
-        rows = torch.arange(h, device=kernels.device) < limits[:, :1]
-        cols = torch.arange(w, device=kernels.device) < limits[:, 1:]
-        inside = (rows[:, :, None] & cols[:, None, :]).view(b, 1, h * w).to(mask_features.dtype)
-    areas, soft_sums, support = [], [], []
-    for start, soft in _mask_logit_slices(mask_features, kernels):
-        end = start + soft.shape[2]
-        if start == 0:
-            slice_size = end
-        soft.sigmoid_()
-        support.append(soft.amax(dim=2) > support_thresh)
-        if inside is not None:
-            soft.mul_(inside[:, :, start:end])  # 0 is never above a threshold >= 0
-        # soft where > mask_thresh, else 0: soft * binary in one in-place step.
-        F.threshold_(soft, mask_thresh, 0.0)
-        soft_sums.append(soft.sum(dim=2, dtype=torch.float32))
-        # 1 for foreground, 0 elsewhere; float32 sums of these are exact pixel counts (summing
-        # bools would convert them to int64 first, a large temporary).
-        soft.sign_()
-        areas.append(soft.sum(dim=2, dtype=torch.float32))
-        # Nonzero is foreground; a float -> bool copy is several times faster than a comparison.
-        flat_binary[:, :, start:end].copy_(soft)
-    return MaskStatistics(
-        binary,
-        torch.stack(areas).sum(dim=0).long(),
-        torch.stack(soft_sums).sum(dim=0),
-        torch.stack(support, dim=2),
-        slice_size,
-    )
-
-
-def soft_masks(
-    mask_features: torch.Tensor, kernels: torch.Tensor, support: torch.Tensor, slice_size: int
-) -> torch.Tensor:
-    """sigmoid(dynamic_mask_logits(mask_features, kernels)), float [B, N, H, W], computed only in
-    the slices of `slice_size` flattened pixels where `support` (bool [B, N, S], see
-    :class:`MaskStatistics`) is True or is True in a neighbouring slice; 0 elsewhere.
-
-    With slices of at least 2 W + 2 pixels, every pixel within 2 rows and columns of a supported
-    pixel is computed: all that bilinear pasting of the supported pixels reads.
-    """
-    b, e, h, w = mask_features.shape
-    if support.shape[2] == 1:
-        return dynamic_mask_logits(mask_features, kernels).sigmoid_()
-    near = support.clone()
-    near[..., 1:] |= support[..., :-1]
-    near[..., :-1] |= support[..., 1:]
-    # Per slice, the masks to compute (those of each image first): a host read of the plan.
-    counts = near.sum(dim=1).amax(dim=0).tolist()
-    order = torch.sort((~near).to(torch.uint8), dim=1, stable=True).indices
-    soft = _zeros((b, kernels.shape[1], h * w), mask_features.dtype, mask_features.device)
-    features = flat_mask_features(mask_features)
-    images = torch.arange(b, device=kernels.device)[:, None]
-    for i, count in enumerate(counts):
-        if count:
-            start, end = i * slice_size, min((i + 1) * slice_size, h * w)
-            index = order[:, :count, i]
-            selected = kernels.gather(1, index[..., None].expand(-1, -1, kernels.shape[2]))
-            # (Images with fewer masks here compute some other masks: exact values too.)
-            logits = torch.bmm(selected, features[:, :, start:end])
-            soft[images, index, start:end] = logits.sigmoid_()
-    return soft.view(b, -1, h, w)
-
-
-def _mask_logit_slices(
-    mask_features: torch.Tensor, kernels: torch.Tensor
-) -> Iterator[Tuple[int, torch.Tensor]]:
-    """Yield (start, logits [B, K, P]) for consecutive slices of the flattened pixels of
-    `dynamic_mask_logits(mask_features, kernels)`, all of P >= 2 W + 2 pixels but the last; the
-    logits may be overwritten by the caller (each slice reuses the previous one's memory)."""
-    b, e, h, w = mask_features.shape
-    k = kernels.shape[1]
-    if kernels.shape[2] != e or mask_features.device.type != "cpu":
-        # k x k kernels (a convolution), or a device without a cache to keep the slices in.
-        yield 0, dynamic_mask_logits(mask_features, kernels).view(b, k, h * w)
-        return
-    features = flat_mask_features(mask_features)  # [B, E, H * W], a view in either layout
-    step = max(2 * w + 2, _CPU_SLICE_BYTES // (4 * max(b * k, 1)) // 64 * 64)
-    buffer = kernels.new_empty((b, k, step))
-    for start in range(0, h * w, step):
-        size = min(step, h * w - start)
-        out = buffer if size == step else kernels.new_empty((b, k, size))
-        yield start, torch.bmm(kernels, features[:, :, start : start + size], out=out)
-
-
 class SOLOv2PostProcessor:
     """Turns SOLOv2 head outputs for a batch into per-image `Instances`.
 
@@ -228,12 +87,12 @@ class SOLOv2PostProcessor:
     own area are not counted, so an image gets the same result alone or in any batch.
 
     Speed (the results are those of the steps above): masks are computed only for candidates
-    above the threshold (none at all when no cell scores); the candidates' masks are reduced to
-    binary masks, areas and maskness sums slice by slice (:func:`mask_statistics`), and the soft
-    masks of the kept detections are computed again afterwards (an exact repeat: at most
-    `max_per_image` of them, a fraction of the candidates); each kept mask is upsampled and resized
-    only inside the window of the output where it can exceed the threshold, and its box is read
-    from that window.
+    above the threshold (none at all when no cell scores), and only in the blocks of pixels where
+    they can exceed the thresholds (:mod:`solov2_d2.candidate_masks`); the candidates' masks are
+    reduced to binary masks, areas and maskness sums, and the soft masks of the kept detections
+    are computed again afterwards (an exact repeat: at most `max_per_image` of them); each kept
+    mask is upsampled and resized only inside the window of the output where it can exceed the
+    threshold, and its box is read from that window.
     """
 
     @configurable
@@ -340,16 +199,20 @@ class SOLOv2PostProcessor:
         cand_kernels = kernels.gather(1, cells[..., None].expand(-1, -1, kernels.shape[2]))
         s = self.mask_stride
         extents = [(-(-h // s), -(-w // s)) for h, w in image_sizes]  # ceil
-        stats = mask_statistics(
-            mask_features, cand_kernels, extents, self.mask_thresh,
+        masks = candidate_masks(
+            mask_features,
+            cand_kernels,
+            extents,
+            self.mask_thresh,
             self.mask_thresh * _PASTE_MARGIN,
+            valid,
         )
-        areas = stats.areas
+        areas = masks.areas
         valid &= areas > cell_strides[cells]
-        cand_scores = cand_scores * (stats.soft_sums / areas.clamp(min=1))  # maskness
+        cand_scores = cand_scores * (masks.soft_sums / areas.clamp(min=1))  # maskness
 
         nms = batched_matrix_nms(
-            stats.binary,
+            masks.binary,
             labels,
             cand_scores,
             valid,
@@ -362,17 +225,8 @@ class SOLOv2PostProcessor:
         )
         counts = nms.valid.sum(dim=1).tolist()  # host read: Instances sizes
         num_kept = max(counts, default=0)
-        keep = nms.keep[:, :num_kept]
-        # The soft masks of the kept candidates, computed again where pasting reads them: the
-        # same products as in mask_statistics (bit-identical with MKL on the CPU, whose rows of
-        # a matrix product do not depend on the other rows), for at most max_per_image of the
-        # candidates and only near where they are above the paste margin.
-        soft = soft_masks(
-            mask_features,
-            cand_kernels.gather(1, keep[..., None].expand(-1, -1, cand_kernels.shape[2])),
-            stats.support.gather(1, keep[..., None].expand(-1, -1, stats.support.shape[2])),
-            stats.slice_size,
-        )  # [B, N, Hm, Wm]
+        # The soft masks of the kept candidates where pasting reads them.
+        soft = masks.soft_masks(nms.keep[:, :num_kept], nms.valid[:, :num_kept])  # [B, N, Hm, Wm]
 
         return [
             self._instances(
@@ -401,7 +255,7 @@ class SOLOv2PostProcessor:
         """
         num = soft.shape[0]
         height, width = output_size
-        masks = _zeros((num, height, width), torch.bool, soft.device)
+        masks = lazy_zeros((num, height, width), torch.bool, soft.device)
         boxes = torch.zeros((num, 4), device=soft.device)
         if num == 0:
             return masks, boxes
@@ -444,7 +298,7 @@ class SOLOv2PostProcessor:
                 window = self._window_masks(soft, index, axis_y, axis_x, y0, x0, size_y, size_x)
                 # The windows' rows are disjoint runs of the output's pixels.
                 rows = _window(index * height + y0, size_y) * width + x0[:, None]
-                _runs(masks, size_x)[rows.flatten()] = window.view(-1, size_x)
+                runs(masks, size_x)[rows.flatten()] = window.view(-1, size_x)
                 boxes[index] = _boxes_in_window(window, y0, x0)
             start += count
         return masks, boxes
@@ -456,7 +310,7 @@ class SOLOv2PostProcessor:
         crop_y, crop_h = axis_y.crop(y0, size_y)
         crop_x, crop_w = axis_x.crop(x0, size_x)
         rows = _window(index * soft.shape[1] + crop_y, crop_h) * soft.shape[2] + crop_x[:, None]
-        crops = _runs(soft, crop_w)[rows.flatten()].view(-1, 1, crop_h, crop_w)
+        crops = runs(soft, crop_w)[rows.flatten()].view(-1, 1, crop_h, crop_w)
         up = F.interpolate(
             crops, size=(crop_h * s, crop_w * s), mode="bilinear", align_corners=False
         )[:, 0]
@@ -470,30 +324,12 @@ class SOLOv2PostProcessor:
         rows = _window(torch.arange(len(index), device=up.device) * height, size_y)
         rows = (rows + axis_y.window_start(y0, crop_y)[:, None]) * width
         rows = rows + axis_x.window_start(x0, crop_x)[:, None]
-        return _runs(up, size_x)[rows.flatten()].view(-1, size_y, size_x)
-
-
-def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero-filled tensor. On the CPU (bool and float32) it is numpy's (calloc) memory, which
-    the OS zeroes lazily when a page is first touched: filling small parts of a large tensor
-    then does not pay for clearing all of it (100 masks of 800 x 1333 are 107 MB)."""
-    numpy_dtype = {torch.bool: np.bool_, torch.float32: np.float32}.get(dtype)
-    if device.type == "cpu" and numpy_dtype is not None:
-        return torch.from_numpy(np.zeros(shape, dtype=numpy_dtype))
-    return torch.zeros(shape, dtype=dtype, device=device)
+        return runs(up, size_x)[rows.flatten()].view(-1, size_y, size_x)
 
 
 def _window(start: torch.Tensor, size: int) -> torch.Tensor:
     """int64 [N, size]: positions start .. start + size - 1 of each of N windows."""
     return start[:, None] + torch.arange(size, device=start.device)
-
-
-def _runs(x: torch.Tensor, length: int) -> torch.Tensor:
-    """[x.numel() - length + 1, length], a view of contiguous x whose row p is x's flattened
-    elements p .. p + length - 1. Its rows overlap: read any of them, or write rows that do not
-    overlap one another. Indexing it moves runs of `length` contiguous elements, many times
-    faster than indexing them one by one (advanced indexing of 3 dims)."""
-    return x.view(-1).as_strided((x.numel() - length + 1, length), (1, 1))
 
 
 class _PasteAxis:

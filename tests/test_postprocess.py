@@ -8,13 +8,7 @@ import torch.nn.functional as F
 from solov2_d2 import postprocess as pp
 from solov2_d2.heads import dynamic_mask_logits, flatten_levels
 from solov2_d2.matrix_nms import batched_matrix_nms
-from solov2_d2.postprocess import (
-    SOLOv2PostProcessor,
-    mask_statistics,
-    masks_to_boxes,
-    point_nms,
-    soft_masks,
-)
+from solov2_d2.postprocess import SOLOv2PostProcessor, masks_to_boxes, point_nms
 
 GRIDS = [40, 36, 24, 16, 12]
 
@@ -154,12 +148,8 @@ def _reference_postprocess(proc, cate_logits, kernels, mask_features, image_size
     return results
 
 
-@pytest.mark.parametrize(
-    "kernel,sliced", [("gaussian", False), ("linear", False), ("gaussian", True)]
-)
-def test_results_equal_the_straightforward_path(monkeypatch, kernel, sliced):
-    if sliced:  # the smallest slices: 2 mask rows + 2 pixels
-        monkeypatch.setattr(pp, "_CPU_SLICE_BYTES", 1)
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_results_equal_the_straightforward_path(kernel):
     sizes = [(128, 160), (100, 130), (61, 75)]
     outputs = [(128, 160), (200, 260), (50, 61)]
     cate, kernels, feats = _head_outputs(3, seed=7)
@@ -228,52 +218,15 @@ def test_paste_equals_upsampling_the_whole_padded_map(image_size, output_size):
     assert 0 < masks.flatten(1).any(dim=1).sum() < len(masks)  # empty, partial and full masks
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_mask_statistics_equal_the_straightforward_computation(monkeypatch, batch):
-    # Small slices: several per image even for this small map.
-    monkeypatch.setattr(pp, "_CPU_SLICE_BYTES", 4 * batch * 50 * 128)
-    g = torch.Generator().manual_seed(0)
-    feats = torch.randn(batch, 16, 24, 40, generator=g)
-    extents = [(24, 40), (20, 31), (24, 35)][:batch]
-    for kernel_size in (1, 3):
-        kernels = torch.randn(batch, 50, 16 * kernel_size**2, generator=g)
-        for layout in (torch.contiguous_format, torch.channels_last):
-            stats = mask_statistics(
-                feats.contiguous(memory_format=layout), kernels, extents, 0.5, 0.9
-            )
-            soft = dynamic_mask_logits(feats, kernels).sigmoid()
-            expected = soft > 0.5
-            for i, (rows, cols) in enumerate(extents):
-                expected[i, :, rows:] = False
-                expected[i, :, :, cols:] = False
-            assert torch.equal(stats.binary, expected)
-            assert torch.equal(stats.areas, expected.sum(dim=(2, 3)))
-            torch.testing.assert_close(stats.soft_sums, (soft * expected).sum(dim=(2, 3)))
-            size = stats.slice_size
-            assert stats.support.shape[2] == (1 if kernel_size == 3 else -(-24 * 40 // size))
-            padded = F.pad(soft.flatten(2), (0, -soft[0, 0].numel() % size))
-            support = padded.view(batch, 50, -1, size).amax(dim=3) > 0.9
-            assert torch.equal(stats.support, support)
-
-            # Computed again where supported: exact within two rows of the supported pixels.
-            again = soft_masks(feats, kernels, stats.support, size)
-            assert torch.equal(again > 0.9, soft > 0.9)
-            near = F.max_pool2d((soft > 0.9).float(), 5, stride=1, padding=2) > 0
-            assert torch.equal(again[near], soft[near])
-            assert (again[~near] <= 0.9).all()
-    with pytest.raises(ValueError, match="threshold"):
-        mask_statistics(feats, kernels, extents, 1.0, 1.0)
-
-
 def test_masks_are_computed_only_for_the_top_candidates(monkeypatch):
     seen = []
-    real = pp.mask_statistics
+    real = pp.candidate_masks
 
     def spy(features, kernels, *args):
         seen.append(kernels.shape)
         return real(features, kernels, *args)
 
-    monkeypatch.setattr(pp, "mask_statistics", spy)
+    monkeypatch.setattr(pp, "candidate_masks", spy)
     cate, kernels, feats = _head_outputs(2)
     cate = [torch.full_like(c, 5.0) for c in cate]  # every (cell, class) above threshold
     _processor(max_mask_candidates=37)(cate, kernels, feats, [(128, 160)] * 2, [(128, 160)] * 2)

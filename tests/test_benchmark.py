@@ -1,0 +1,35 @@
+"""bench/benchmark.py --quick: every stage is measured and the results are written."""
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_quick_benchmark_writes_sane_results(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "benchmark.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((tmp_path / "benchmark.json").read_text())
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "load average" in table and "OMP_WAIT_POLICY" in table
+    assert results["matmul_gflops"] > 0
+    assert {(r["model"], r["batch"]) for r in results["inference"]} == {
+        (model, batch)
+        for model in ("SOLOv2-R50", "SOLOv2-Light-448-R50")
+        for batch in (1, 2)
+    }
+    for r in results["inference"]:
+        assert r["flops"] > 0
+        for load in ("none", "forced"):
+            stages = [r[load][s] for s in ("preprocess", "backbone", "heads", "postprocess")]
+            assert all(t > 0 for t in stages)
+            assert r[load]["total"] >= sum(stages) * 0.999
+        assert r["none"]["detections"] == 0 and r["forced"]["detections"] > 0
+    assert all(r["same_keep_and_labels"] and r["ours_ms"] > 0 for r in results["matrix_nms"])
+    assert results["training"]["ms"] > 0 and results["training"]["targets_ms"] > 0
+    assert all(r["peak_mb"] > 0 for r in results["peak_memory"])
