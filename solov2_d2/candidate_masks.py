@@ -43,10 +43,15 @@ class CandidateMasks:
             mask_thresh inside the image.
         areas: int64 [B, K], pixel counts of `binary`.
         soft_sums: float32 [B, K], sums of the soft mask over `binary`.
+        boxes: None, or int64 [B, K, 4]: inclusive pixel boxes (y0, x0, y1, x1) that contain
+            `binary` (the blocks it touches; Matrix NMS needs no tighter ones), (H', W', -1, -1)
+            for an empty mask.
     """
 
-    def __init__(self, binary, areas, soft_sums, soft, size, grid=None, masks=None, blocks=None):
-        self.binary, self.areas, self.soft_sums = binary, areas, soft_sums
+    def __init__(
+        self, binary, areas, soft_sums, soft, size, boxes=None, grid=None, masks=None, blocks=None
+    ):
+        self.binary, self.areas, self.soft_sums, self.boxes = binary, areas, soft_sums, boxes
         # Dense: soft [B, K, H, W]. Block-sparse: the soft masks of the computed (candidate,
         # block) pairs, float [P, BLOCK * BLOCK], their flat candidate and block indices.
         self._soft, self._size, self._grid, self._masks, self._blocks = (
@@ -119,6 +124,8 @@ def candidate_masks(
     binary = lazy_zeros((b, k, grid.height, grid.width), torch.bool, kernels.device)
     areas = kernels.new_zeros(b * k)
     soft_sums = kernels.new_zeros(b * k)
+    boxes = torch.tensor([grid.height, grid.width, -1, -1], device=kernels.device)
+    boxes = boxes.repeat(b * k, 1)
     all_masks, all_blocks, all_soft = [], [], []
     for blocks, masks, soft in grid.logits(kernels, pairs):
         soft.sigmoid_()
@@ -133,8 +140,12 @@ def candidate_masks(
         block_areas = soft.sum(dim=1)
         areas.index_add_(0, masks, block_areas)
         some = block_areas > 0
-        rows = grid.block_rows(blocks[some], masks[some])
+        blocks, masks = blocks[some], masks[some]
+        rows = grid.block_rows(blocks, masks)
         runs(binary, BLOCK)[rows.flatten()] = soft[some].view(-1, BLOCK).bool()
+        corners = grid.block_boxes(blocks)
+        for side, reduce in enumerate(["amin", "amin", "amax", "amax"]):
+            boxes[:, side].scatter_reduce_(0, masks, corners[:, side], reduce)
     cat = lambda parts, like: torch.cat(parts) if parts else like  # noqa: E731
     return CandidateMasks(
         binary,
@@ -142,6 +153,7 @@ def candidate_masks(
         soft_sums.view(b, k),
         cat(all_soft, kernels.new_zeros((0, BLOCK * BLOCK))),
         (h, w),
+        boxes.view(b, k, 4),
         grid,
         cat(all_masks, areas.new_zeros(0, dtype=torch.long)),
         cat(all_blocks, areas.new_zeros(0, dtype=torch.long)),
@@ -254,6 +266,14 @@ class _BlockGrid:
         y = (block // self.blocks_x * BLOCK)[:, None] + torch.arange(BLOCK, device=blocks.device)
         x = block % self.blocks_x * BLOCK
         return (image[:, None] * self.height + y) * self.width + x[:, None]
+
+    def block_boxes(self, blocks: torch.Tensor) -> torch.Tensor:
+        """int64 [P, 4]: inclusive boxes (y0, x0, y1, x1), in pixels of the map, of the flat
+        blocks `blocks` (int64 [P])."""
+        block = blocks % self.num_blocks
+        y = block // self.blocks_x * BLOCK
+        x = block % self.blocks_x * BLOCK
+        return torch.stack([y, x, y + BLOCK - 1, x + BLOCK - 1], dim=1)
 
     def block_rows(self, blocks: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """int64 [P, BLOCK]: for pairs of flat blocks and flat masks (int64 [P] each; a mask is

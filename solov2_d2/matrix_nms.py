@@ -125,6 +125,7 @@ def batched_matrix_nms(
     pre_nms_topk: int = -1,
     max_per_image: int = -1,
     mask_areas: Optional[torch.Tensor] = None,
+    mask_boxes: Optional[torch.Tensor] = None,
 ) -> MatrixNMSResult:
     """Matrix NMS of B images in one call, each image independent of the others.
 
@@ -135,6 +136,9 @@ def batched_matrix_nms(
         valid: bool [B, N], False for padding entries. They never decay another candidate and
             are never kept; `pre_nms_topk` and `max_per_image` count valid candidates only.
         mask_areas: optional [B, N] pixel counts of the masks (computed if None).
+        mask_boxes: optional int64 [B, N, 4] inclusive pixel boxes (y0, x0, y1, x1) that
+            contain the masks, y1 = -1 for an empty mask (the tight ones of :func:`mask_boxes`
+            if None). Larger boxes give the same result, with more work.
         The other arguments are those of :func:`matrix_nms`, per image.
     Returns:
         :class:`MatrixNMSResult` of [B, K] tensors, K = N' or min(N', max_per_image) when
@@ -154,9 +158,10 @@ def batched_matrix_nms(
     cand_labels = labels.flatten()[inputs]
     cand_valid = valid.flatten()[inputs]
     areas = None if mask_areas is None else mask_areas.flatten()[inputs]
+    boxes = None if mask_boxes is None else mask_boxes.flatten(0, 1)[inputs]
 
-    decay = _decay_factors(masks.flatten(0, 1), inputs, cand_labels, cand_valid, areas, kernel,
-                           sigma)
+    decay = _decay_factors(masks.flatten(0, 1), inputs, cand_labels, cand_valid, areas, boxes,
+                           kernel, sigma)
     decayed = cand_scores * decay.to(cand_scores.dtype)
 
     kept = cand_valid & (decayed >= score_thresh)
@@ -177,7 +182,7 @@ def _sort_descending(values: torch.Tensor) -> torch.Tensor:
     return torch.sort(values, dim=-1, descending=True, stable=True).indices
 
 
-def _decay_factors(masks, inputs, labels, valid, areas, kernel, sigma) -> torch.Tensor:
+def _decay_factors(masks, inputs, labels, valid, areas, boxes, kernel, sigma) -> torch.Tensor:
     """Matrix NMS decay of each candidate.
 
     Args:
@@ -186,6 +191,7 @@ def _decay_factors(masks, inputs, labels, valid, areas, kernel, sigma) -> torch.
             descending score order.
         labels: int64 [B, N'] and valid: bool [B, N'], of the candidates.
         areas: None, or [B, N'] pixel counts of the candidates.
+        boxes: None, or int64 [B, N', 4] their inclusive boxes (y0, x0, y1, x1).
     Returns:
         float32 [B, N'] decay factors in [0, 1] (1 for invalid candidates).
     """
@@ -194,7 +200,8 @@ def _decay_factors(masks, inputs, labels, valid, areas, kernel, sigma) -> torch.
         return torch.ones(inputs.shape, device=inputs.device)
     words = _mask_words(masks)
     height, row_words = words.shape[1:]
-    boxes = _mask_boxes(words)[inputs]  # [B, N', 4]
+    if boxes is None:
+        boxes = _mask_boxes(words)[inputs]  # [B, N', 4]
     graph = _box_graph(boxes, labels, valid & (boxes[..., 2] >= 0))
     roots = _connected_components(graph) + num_cands * torch.arange(
         num_images, device=inputs.device

@@ -222,6 +222,7 @@ class SOLOv2PostProcessor:
             pre_nms_topk=self.pre_nms_topk,
             max_per_image=self.max_per_image,
             mask_areas=areas,
+            mask_boxes=masks.boxes,
         )
         counts = nms.valid.sum(dim=1).tolist()  # host read: Instances sizes
         num_kept = max(counts, default=0)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from solov2_d2.candidate_masks import BLOCK, candidate_masks, lazy_zeros
 from solov2_d2.heads import dynamic_mask_logits
+from solov2_d2.matrix_nms import mask_boxes
 
 SUPPORT = 0.5 * (1 - 2.0**-18)
 
@@ -42,6 +43,14 @@ def _check(feats, kernels, extents, valid=None):
     assert torch.equal(masks.binary[..., :h, :w], binary)
     assert torch.equal(masks.areas, binary.sum(dim=(2, 3)))
     torch.testing.assert_close(masks.soft_sums, (soft * binary).sum(dim=(2, 3)))
+    if masks.boxes is not None:
+        # The boxes of the blocks that the masks touch.
+        nonempty = binary.flatten(2).any(dim=2)
+        tight = mask_boxes(binary.flatten(0, 1)).view(*binary.shape[:2], 4)[nonempty]
+        boxes = masks.boxes[nonempty]
+        assert torch.equal(boxes[:, :2], tight[:, :2] // BLOCK * BLOCK)
+        assert torch.equal(boxes[:, 2:], tight[:, 2:] // BLOCK * BLOCK + BLOCK - 1)
+        assert (masks.boxes[~nonempty][:, 2:] == -1).all()
 
     # The kept candidates' soft masks: exact wherever pasting reads them (within 2 pixels of a
     # pixel above the support threshold), below that threshold everywhere else.
