@@ -83,32 +83,32 @@ def synchronize(device: torch.device):
 
 class StageTimer:
     """Wall-clock times of the stages of one `SOLOv2.forward`, from forward hooks on the backbone
-    and the mask head (the last head to run); on CUDA each reading synchronises first."""
+    and the mask head (the last head to run), which may run once per image; on CUDA each reading
+    synchronises first."""
 
     def __init__(self, model, device: torch.device):
         self.device = device
-        self.marks = {}
+        self.marks = []
         model.backbone.register_forward_pre_hook(lambda *_: self._mark("backbone_start"))
         model.backbone.register_forward_hook(lambda *_: self._mark("backbone_end"))
         model.mask_head.register_forward_hook(lambda *_: self._mark("heads_end"))
 
     def _mark(self, name):
         synchronize(self.device)
-        self.marks[name] = time.perf_counter()
+        self.marks.append((name, time.perf_counter()))
 
     def __call__(self, fn) -> dict:
         """ms per stage of running fn()."""
+        self.marks = []
         self._mark("start")
         fn()
         self._mark("end")
-        m = self.marks
-        times = {
-            "preprocess": m["backbone_start"] - m["start"],
-            "backbone": m["backbone_end"] - m["backbone_start"],
-            "heads": m["heads_end"] - m["backbone_end"],
-            "postprocess": m["end"] - m["heads_end"],
-            "total": m["end"] - m["start"],
-        }
+        times = dict.fromkeys(STAGES, 0.0)
+        stage = {"backbone_start": "preprocess", "backbone_end": "backbone", "heads_end": "heads"}
+        stage["end"] = "postprocess"
+        for (_, start), (name, end) in zip(self.marks, self.marks[1:]):
+            times[stage[name]] += end - start
+        times["total"] = self.marks[-1][1] - self.marks[0][1]
         return {k: v * 1000 for k, v in times.items()}
 
 
@@ -131,7 +131,9 @@ class ForcedCandidates:
       trained model; a cell's first class is its object's class.
 
     Random weights alone would give masks of image-wide noise: every kept mask would cover the
-    whole image, far from what a trained model outputs.
+    whole image, far from what a trained model outputs. The load depends only on the shapes of
+    the heads' outputs: where the network runs one image at a time (CPU), every image of a batch
+    gets the same load.
     """
 
     def __init__(self, num: int, objects: int = 40, seed: int = 0):
