@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .heads import dynamic_mask_logits
-from .matrix_nms import bin_max, ceil_log2
+from .grouping import ceil_log2, groups
 
 __all__ = ["BLOCK", "CandidateMasks", "candidate_masks", "lazy_zeros", "runs"]
 
@@ -232,26 +232,12 @@ class _BlockGrid:
         table[pair_blocks, position] = pair_masks
         # Groups of blocks by candidate count, two per octave (a group's blocks compute up to
         # its largest count, so at most 1.5 times their pairs); a host read of their sizes.
-        used = counts > 0
         octave = ceil_log2(counts.clamp(min=1))
         bins = octave * 2 + (counts * 4 > 3 << octave).long()
-        num_bins = 2 * k.bit_length() + 3
-        bins = torch.where(used, bins, num_bins - 1)
-        sizes = torch.stack(
-            [
-                bins.new_zeros(num_bins).index_add_(0, bins, used.long()),
-                bin_max(bins, counts, num_bins),
-            ]
-        )[:, :-1]
-        by_bin = torch.sort(bins, stable=True).indices
         flat_kernels = kernels.reshape(b * k, e)
         block_rows = runs(self.features, BLOCK * e)
-        start = 0
-        for num, width in zip(*sizes.tolist()):
-            if not num:
-                continue
-            blocks = by_bin[start : start + num]
-            start += num
+        for blocks, (width,) in groups(bins, counts > 0, 2 * k.bit_length() + 2, counts):
+            num = len(blocks)
             masks = table[blocks, :width] + (blocks // num_blocks * k)[:, None]  # [num, width]
             real = torch.arange(width, device=blocks.device) < counts[blocks][:, None]
             pixels = self._pixel_rows(blocks)  # [num, BLOCK]

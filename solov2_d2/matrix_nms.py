@@ -38,6 +38,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .grouping import ceil_log2, groups
+
 __all__ = ["MatrixNMSResult", "matrix_nms", "batched_matrix_nms", "mask_boxes"]
 
 # A linear-kernel denominator 1 - comp_i is 0 exactly when mask i duplicates a higher-scored mask
@@ -346,36 +348,11 @@ class _Components:
         size, area = self.geometry[:, 0], self.geometry[:, 5]
         size_bins = max(max_size - 1, 1).bit_length() + 1
         area_bins = max(max_area - 1, 1).bit_length() + 1
-        multi = size >= 2
-        bins = torch.where(multi, ceil_log2(size) * area_bins + ceil_log2(area),
-                           size_bins * area_bins)
-        num_bins = size_bins * area_bins + 1
-        stats = torch.stack(
-            [
-                bins.new_zeros(num_bins).index_add_(0, bins, multi.long()),
-                bin_max(bins, size, num_bins),
-                bin_max(bins, area, num_bins),
-            ]
-        )[:, :-1]
-        by_bin = torch.sort(bins, stable=True).indices
-        start = 0
-        for count, bin_size, bin_area in zip(*stats.tolist()):
-            if count:
-                per_chunk = max(1, _CHUNK_WORDS // (bin_size * bin_area))
-                for offset in range(start, start + count, per_chunk):
-                    ids = by_bin[offset : min(offset + per_chunk, start + count)]
-                    yield _Chunk(ids, bin_size, bin_area)
-            start += count
-
-
-def ceil_log2(values: torch.Tensor) -> torch.Tensor:
-    """int64 ceil(log2(v)) of int64 values >= 1, exactly (0 for 1)."""
-    return torch.frexp((values - 1).double()).exponent.long()
-
-
-def bin_max(bins: torch.Tensor, values: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """int64 [num_bins]: the largest of `values` in each bin, 0 for an empty bin."""
-    return values.new_zeros(num_bins).scatter_reduce(0, bins, values, reduce="amax")
+        bins = ceil_log2(size.clamp(min=1)) * area_bins + ceil_log2(area)
+        for ids, (bin_size, bin_area) in groups(bins, size >= 2, size_bins * area_bins, size, area):
+            per_chunk = max(1, _CHUNK_WORDS // (bin_size * bin_area))
+            for offset in range(0, len(ids), per_chunk):
+                yield _Chunk(ids[offset : offset + per_chunk], bin_size, bin_area)
 
 
 def _members(by_component, geometry, size: int) -> Tuple[torch.Tensor, torch.Tensor]:

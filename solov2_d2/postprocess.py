@@ -10,7 +10,8 @@ from detectron2.structures import Boxes, Instances
 
 from .candidate_masks import candidate_masks, lazy_zeros, runs
 from .heads import flatten_levels
-from .matrix_nms import batched_matrix_nms, bin_max, ceil_log2, first_last, mask_boxes
+from .grouping import ceil_log2, groups
+from .matrix_nms import batched_matrix_nms, first_last, mask_boxes
 
 __all__ = [
     "SOLOv2PostProcessor",
@@ -272,36 +273,18 @@ class SOLOv2PostProcessor:
         left, right = axis_x.windows(high[:, 1], high[:, 3].clamp(max=cols - 1))
         sizes_y, sizes_x = bottom - top, right - left
 
-        # Group the masks by window size class (powers of two); read the groups' counts and
-        # largest sizes to the host.
+        # Group the masks by window size class (powers of two).
         classes = max(height, width).bit_length() + 1
+        bins = ceil_log2(sizes_y.clamp(min=1)) * classes + ceil_log2(sizes_x.clamp(min=1))
         nonempty = (sizes_y > 0) & (sizes_x > 0)
-        bins = torch.where(
-            nonempty,
-            ceil_log2(sizes_y.clamp(min=1)) * classes + ceil_log2(sizes_x.clamp(min=1)),
-            classes * classes,
-        )
-        num_bins = classes * classes + 1
-        stats = torch.stack(
-            [
-                bins.new_zeros(num_bins).index_add_(0, bins, nonempty.long()),
-                bin_max(bins, sizes_y, num_bins),
-                bin_max(bins, sizes_x, num_bins),
-            ]
-        )[:, :-1]
-        by_bin = torch.sort(bins, stable=True).indices
-        start = 0
-        for count, size_y, size_x in zip(*stats.tolist()):
-            if count:
-                index = by_bin[start : start + count]
-                y0 = top[index].clamp(max=height - size_y)
-                x0 = left[index].clamp(max=width - size_x)
-                window = self._window_masks(soft, index, axis_y, axis_x, y0, x0, size_y, size_x)
-                # The windows' rows are disjoint runs of the output's pixels.
-                rows = _window(index * height + y0, size_y) * width + x0[:, None]
-                runs(masks, size_x)[rows.flatten()] = window.view(-1, size_x)
-                boxes[index] = _boxes_in_window(window, y0, x0)
-            start += count
+        for index, (size_y, size_x) in groups(bins, nonempty, classes * classes, sizes_y, sizes_x):
+            y0 = top[index].clamp(max=height - size_y)
+            x0 = left[index].clamp(max=width - size_x)
+            window = self._window_masks(soft, index, axis_y, axis_x, y0, x0, size_y, size_x)
+            # The windows' rows are disjoint runs of the output's pixels.
+            rows = _window(index * height + y0, size_y) * width + x0[:, None]
+            runs(masks, size_x)[rows.flatten()] = window.view(-1, size_x)
+            boxes[index] = _boxes_in_window(window, y0, x0)
         return masks, boxes
 
     def _window_masks(self, soft, index, axis_y, axis_x, y0, x0, size_y: int, size_x: int):
