@@ -6,12 +6,12 @@ between lo_e and hi_e per channel, k . f <= sum_e max(k_e lo_e, k_e hi_e): one s
 product bounds every (candidate, block) pair. Where the bound is below the logit of a
 threshold, no pixel of the block can exceed it, and its logits are not computed. A candidate of a
 trained model covers a few blocks of the image, so most of the work of the dense product over all
-pixels is skipped, exactly: the computed pixels are the dense product's (the same dot products),
-the skipped ones are provably below the threshold.
+pixels is skipped, exactly: the computed pixels are the dense product's (the same dot products,
+up to the order of float operations), the skipped ones are provably below the threshold.
 
 The pairs that remain are computed as batched matrix products, blocks grouped by how many
-candidates they need (powers of two), so the number of operations does not grow with the image or
-the candidates.
+candidates they need (two groups per power of two), so the number of operations grows only with
+the logarithm of the candidates, not with the image.
 """
 import math
 import mmap
@@ -20,14 +20,15 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .heads import dynamic_mask_logits
 from .grouping import ceil_log2, groups
+from .heads import dynamic_mask_logits
 
 __all__ = ["BLOCK", "CandidateMasks", "candidate_masks", "lazy_zeros", "runs"]
 
 # Side of the blocks, in mask-feature pixels. Small blocks bound the logits tightly (on the fruit
-# model, 8 x 8 blocks keep 19% of the pairs, of which 5% truly reach the threshold); each block
-# computes a 64-pixel row of logits per candidate, still an efficient matrix product.
+# model, 8 x 8 blocks keep 19% of the (candidate, block) pairs where 5% truly reach the
+# threshold); larger ones make larger matrix products. 4, 8, 16: 171, 90, 181 ms for 500
+# candidates at 200 x 336 (bench/benchmark.py's forced load).
 BLOCK = 8
 # Float32 rounding of the bound and of the logits: an error of at most E * 2^-24 (E <= 2^12)
 # of the sum of the absolute products, covered with margin.

@@ -9,8 +9,8 @@ from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
 from .candidate_masks import candidate_masks, lazy_zeros, runs
-from .heads import flatten_levels
 from .grouping import ceil_log2, groups
+from .heads import flatten_levels
 from .matrix_nms import batched_matrix_nms, first_last, mask_boxes
 
 __all__ = [
