@@ -127,7 +127,10 @@ def candidate_masks(
     soft_sums = kernels.new_zeros(b * k)
     boxes = torch.tensor([grid.height, grid.width, -1, -1], device=kernels.device)
     boxes = boxes.repeat(b * k, 1)
-    all_masks, all_blocks, all_soft = [], [], []
+    # Each list starts with an empty tensor: there may be no pair at all.
+    no_pairs = torch.zeros(0, dtype=torch.long, device=kernels.device)
+    all_masks, all_blocks = [no_pairs], [no_pairs]
+    all_soft = [kernels.new_zeros((0, BLOCK * BLOCK))]
     for blocks, masks, soft in grid.logits(kernels, pairs):
         soft.sigmoid_()
         all_masks.append(masks)
@@ -147,17 +150,16 @@ def candidate_masks(
         corners = grid.block_boxes(blocks)
         for side, reduce in enumerate(["amin", "amin", "amax", "amax"]):
             boxes[:, side].scatter_reduce_(0, masks, corners[:, side], reduce)
-    cat = lambda parts, like: torch.cat(parts) if parts else like  # noqa: E731
     return CandidateMasks(
         binary,
         areas.view(b, k).long(),
         soft_sums.view(b, k),
-        cat(all_soft, kernels.new_zeros((0, BLOCK * BLOCK))),
+        torch.cat(all_soft),
         (h, w),
         boxes.view(b, k, 4),
         grid,
-        cat(all_masks, areas.new_zeros(0, dtype=torch.long)),
-        cat(all_blocks, areas.new_zeros(0, dtype=torch.long)),
+        torch.cat(all_masks),
+        torch.cat(all_blocks),
     )
 
 

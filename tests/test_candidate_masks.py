@@ -161,3 +161,12 @@ def test_lazy_zeros_are_zero_and_writable():
         x[1, 2, 3] = 1
         assert x.sum() == 1
     assert lazy_zeros((0, 5), torch.bool, torch.device("cpu")).shape == (0, 5)
+
+
+def test_no_block_can_reach_the_threshold():
+    feats = torch.ones(2, 8, 16, 24)
+    kernels = -torch.ones(2, 5, 8)  # every logit is -8
+    masks = candidate_masks(feats, kernels, [(16, 24), (10, 12)], 0.5, SUPPORT)
+    assert not masks.binary.any() and (masks.areas == 0).all() and len(masks._masks) == 0
+    soft = masks.soft_masks(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool))
+    assert soft.shape == (2, 3, 16, 24) and not soft.any()
