@@ -164,10 +164,13 @@ class SOLOv2(nn.Module):
             # stays batched.
             x = x.contiguous(memory_format=torch.channels_last)
             per_image = [self._network(x[i : i + 1]) for i in range(len(x))]
-            cates, kernels, masks = zip(*per_image)
-            cate_logits = [torch.cat(level) for level in zip(*cates)]
-            kernels = [torch.cat(level) for level in zip(*kernels)]
-            mask_features = torch.cat(masks)
+            if len(per_image) == 1:  # nothing to concatenate (a copy of the mask features)
+                cate_logits, kernels, mask_features = per_image[0]
+            else:
+                cates, kernels, masks = zip(*per_image)
+                cate_logits = [torch.cat(level) for level in zip(*cates)]
+                kernels = [torch.cat(level) for level in zip(*kernels)]
+                mask_features = torch.cat(masks)
 
         if self.training:
             if "instances" not in batched_inputs[0]:
