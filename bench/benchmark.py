@@ -356,15 +356,17 @@ def machine(device) -> dict:
     if device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(device)
     else:
-        info["name"] = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                info["name"] = next(
-                    line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-                )
-        except (OSError, StopIteration):
-            pass
+        info["name"] = _cpu_model() or platform.processor() or platform.machine()
     return info
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux); '' where there is none."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return ""
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return names[0] if names else ""
 
 
 def markdown(results) -> str:
