@@ -240,12 +240,8 @@ def network_flops(model, size, device) -> float:
             self.model = model
 
         def forward(self, x):
-            m = self.model
-            features = m.backbone(x)
-            cate, kernels = m.ins_head(m._instance_features(features))
-            return tuple(cate), tuple(kernels), m.mask_head(
-                [features[f] for f in m.mask_in_features]
-            )
+            cate, kernels, mask_features = self.model._network(x)
+            return tuple(cate), tuple(kernels), mask_features
 
     d = model.backbone.size_divisibility
     padded = [-(-s // d) * d for s in size]

@@ -190,10 +190,7 @@ class _BlockGrid:
     def _block_pixels(self, limits: torch.Tensor) -> torch.Tensor:
         """float [B * blocks, BLOCK * BLOCK]: 1 at the pixels within (rows, cols) `limits`
         (int64 [B, 2]) of their image, 0 elsewhere."""
-        device = limits.device
-        rows = torch.arange(self.height, device=device) < limits[:, :1]
-        cols = torch.arange(self.width, device=device) < limits[:, 1:]
-        pixels = rows[:, :, None] & cols[:, None, :]
+        pixels = _inside(limits, self.height, self.width)
         shape = (-1, self.blocks_y, BLOCK, self.blocks_x, BLOCK)
         return pixels.view(shape).transpose(2, 3).reshape(-1, BLOCK * BLOCK).float()
 
@@ -279,13 +276,18 @@ def _dense_candidate_masks(mask_features, kernels, extents, mask_thresh, valid):
     soft = dynamic_mask_logits(mask_features, kernels).sigmoid_()
     b, k, h, w = soft.shape
     limits = torch.tensor(extents, device=soft.device).view(-1, 2)
-    rows = torch.arange(h, device=soft.device) < limits[:, :1]
-    cols = torch.arange(w, device=soft.device) < limits[:, 1:]
-    binary = (soft > mask_thresh) & (rows[:, :, None] & cols[:, None, :])[:, None]
+    binary = (soft > mask_thresh) & _inside(limits, h, w)[:, None]
     if valid is not None:
         binary &= valid[..., None, None]
     areas, sums = binary.sum(dim=(2, 3)), (soft * binary).sum(dim=(2, 3))
     return CandidateMasks(binary, areas, sums, soft, (h, w))
+
+
+def _inside(limits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """bool [B, height, width]: True at the pixels within (rows, cols) `limits` (int64 [B, 2])."""
+    rows = torch.arange(height, device=limits.device) < limits[:, :1]
+    cols = torch.arange(width, device=limits.device) < limits[:, 1:]
+    return rows[:, :, None] & cols[:, None, :]
 
 
 def _dilate(x: torch.Tensor) -> torch.Tensor:

@@ -172,7 +172,6 @@ class SOLOv2PostProcessor:
             the masks), sorted by decreasing score.
         """
         scores = flatten_levels([point_nms(x.sigmoid()) for x in cate_logits])  # [B, T, C]
-        kernels = flatten_levels(kernels)  # [B, T, D]
         cell_strides = torch.cat(
             [
                 torch.full((x.shape[2] * x.shape[3],), s, device=scores.device)
@@ -197,6 +196,7 @@ class SOLOv2PostProcessor:
         labels = flat_index % num_classes
         valid = cand_scores > self.score_thresh
 
+        kernels = flatten_levels(kernels)  # [B, T, D]
         cand_kernels = kernels.gather(1, cells[..., None].expand(-1, -1, kernels.shape[2]))
         s = self.mask_stride
         extents = [(-(-h // s), -(-w // s)) for h, w in image_sizes]  # ceil
