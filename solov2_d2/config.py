@@ -53,9 +53,11 @@ def add_solov2_config(cfg):
 
     # Inference.
     _C.SCORE_THRESH_TEST = 0.1
-    # Cells kept (by category score) before their masks are computed: bounds memory and time
-    # by the config, whatever the image.
-    _C.MAX_MASK_CANDIDATES = 500
+    # If > 0, at most this many candidates per image, taken by category score before any mask
+    # is computed; 0 scores every candidate, as the references do.
+    _C.MAX_MASK_CANDIDATES = 0
+    # Candidates whose masks are computed at once: bounds memory without dropping candidates.
+    _C.MASK_CHUNK_SIZE = 128
     _C.MASK_THRESH_TEST = 0.5
     _C.PRE_NMS_TOPK_TEST = 500
     _C.NMS_KERNEL = "gaussian"  # or "linear"
@@ -96,4 +98,16 @@ def check_solov2_config(cfg):
     if c.DYNAMIC_KERNEL_SIZE < 1 or c.DYNAMIC_KERNEL_SIZE % 2 == 0:
         raise ValueError(
             f"MODEL.SOLOV2.DYNAMIC_KERNEL_SIZE = {c.DYNAMIC_KERNEL_SIZE}; expected an odd size."
+        )
+    for key in ("PRE_NMS_TOPK_TEST", "MASK_CHUNK_SIZE"):
+        if c[key] < 1:
+            raise ValueError(f"MODEL.SOLOV2.{key} = {c[key]}; expected a positive integer.")
+    if c.MAX_MASK_CANDIDATES < 0:
+        raise ValueError(
+            f"MODEL.SOLOV2.MAX_MASK_CANDIDATES = {c.MAX_MASK_CANDIDATES}; expected 0 (no cap) "
+            "or a positive cap."
+        )
+    if not 0 <= c.MASK_THRESH_TEST < 1:
+        raise ValueError(
+            f"MODEL.SOLOV2.MASK_THRESH_TEST = {c.MASK_THRESH_TEST}; expected a value in [0, 1)."
         )

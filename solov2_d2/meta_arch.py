@@ -12,6 +12,7 @@ from detectron2.structures import ImageList, Instances
 from .config import check_solov2_config
 from .heads import SOLOv2InstanceHead, SOLOv2MaskHead, dynamic_mask_logits, flatten_levels
 from .losses import category_focal_loss, dice_loss
+from .network_policy import NetworkPolicy
 from .postprocess import SOLOv2PostProcessor
 from .targets import assign_targets
 
@@ -48,6 +49,7 @@ class SOLOv2(nn.Module):
         focal_gamma: float = 2.0,
         focal_weight: float = 1.0,
         dice_weight: float = 3.0,
+        network_policy: Optional[NetworkPolicy] = None,
     ):
         """
         Args:
@@ -64,6 +66,8 @@ class SOLOv2(nn.Module):
             pixel_mean, pixel_std: input normalisation, in the channel order of the input.
             focal_alpha, focal_gamma, focal_weight: category loss.
             dice_weight: weight of the mask (Dice) loss.
+            network_policy: how the network runs over an inference batch; None: chosen by
+                device at each call (:meth:`NetworkPolicy.for_device`).
         """
         super().__init__()
         self.backbone = backbone
@@ -81,6 +85,7 @@ class SOLOv2(nn.Module):
         self.focal_gamma = focal_gamma
         self.focal_weight = focal_weight
         self.dice_weight = dice_weight
+        self.network_policy = network_policy
         self.mask_stride = backbone.output_shape()[self.mask_in_features[0]].stride
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -151,50 +156,48 @@ class SOLOv2(nn.Module):
         Returns:
             training: dict of scalar losses; inference: list of {"instances": Instances}.
         """
-        images = self.preprocess_image(batched_inputs)
-        x = images.tensor
-        if self.training or x.device.type != "cpu":
-            cate_logits, kernels, mask_features = self._network(x)
-        else:
-            # oneDNN's CPU convolutions are faster on channels-last (NHWC) tensors (R50 at
-            # 800x1333: backbone + heads 3.4-3.7 s instead of 4.3-4.8 s); the layout propagates
-            # through the network, weights need no conversion. The network runs one image at a
-            # time: a batch's larger activations cost more per image on the CPU (R50 backbone at
-            # 800x1344 here: 2.44 s per image in a batch of 4, 2.06 s alone); post-processing
-            # stays batched.
-            x = x.contiguous(memory_format=torch.channels_last)
-            per_image = [self._network(x[i : i + 1]) for i in range(len(x))]
-            if len(per_image) == 1:  # nothing to concatenate (a copy of the mask features)
-                cate_logits, kernels, mask_features = per_image[0]
-            else:
-                cates, kernels, masks = zip(*per_image)
-                cate_logits = [torch.cat(level) for level in zip(*cates)]
-                kernels = [torch.cat(level) for level in zip(*kernels)]
-                mask_features = torch.cat(masks)
-
-        if self.training:
-            if "instances" not in batched_inputs[0]:
-                raise ValueError("SOLOv2 training needs 'instances' in every input dict.")
-            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-            if not all(x.has("gt_masks") for x in gt_instances):
-                raise ValueError(
-                    "SOLOv2 training needs instance masks: set MODEL.MASK_ON True so that "
-                    "DatasetMapper keeps the 'segmentation' of each annotation."
-                )
-            return self.losses(
-                cate_logits, kernels, mask_features, gt_instances, images.tensor.shape[-2:]
+        if not self.training:
+            return self.inference(batched_inputs)
+        if "instances" not in batched_inputs[0]:
+            raise ValueError("SOLOv2 training needs 'instances' in every input dict.")
+        images = ImageList.from_tensors(
+            self.preprocess_image(batched_inputs), self.backbone.size_divisibility
+        )
+        cate_logits, kernels, mask_features = self.network(images.tensor)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        if not all(x.has("gt_masks") for x in gt_instances):
+            raise ValueError(
+                "SOLOv2 training needs instance masks: set MODEL.MASK_ON True so that "
+                "DatasetMapper keeps the 'segmentation' of each annotation."
             )
+        return self.losses(
+            cate_logits, kernels, mask_features, gt_instances, images.tensor.shape[-2:]
+        )
 
+    def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
+        """Detections for a batch, the network run as `network_policy` says (by default
+        :meth:`NetworkPolicy.for_device`: one image at a time on the CPU)."""
+        images = self.preprocess_image(batched_inputs)
+        policy = self.network_policy or NetworkPolicy.for_device(self.device)
+        outputs = policy.run(
+            self.network, images, self.backbone.size_divisibility, self.mask_stride
+        )
+        image_sizes = [tuple(x.shape[-2:]) for x in images]
         output_sizes = [
             (x.get("height", size[0]), x.get("width", size[1]))
-            for x, size in zip(batched_inputs, images.image_sizes)
+            for x, size in zip(batched_inputs, image_sizes)
         ]
         results = self.postprocessor(
-            cate_logits, kernels, mask_features, images.image_sizes, output_sizes
+            outputs.cate_logits,
+            outputs.kernels,
+            outputs.mask_features,
+            outputs.mask_extents,
+            image_sizes,
+            output_sizes,
         )
         return [{"instances": r} for r in results]
 
-    def _network(self, x: torch.Tensor):
+    def network(self, x: torch.Tensor):
         """Backbone and heads of a normalised, padded batch [B, 3, H, W]: per-level category
         logits [B, C, S, S], per-level kernels [B, D, S, S] and mask features [B, E, H/4, W/4]."""
         features = self.backbone(x)
@@ -202,8 +205,8 @@ class SOLOv2(nn.Module):
         mask_features = self.mask_head([features[f] for f in self.mask_in_features])
         return cate_logits, kernels, mask_features
 
-    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        """Normalise, pad and batch the input images."""
+    def preprocess_image(self, batched_inputs: List[Dict]) -> List[torch.Tensor]:
+        """The input images, normalised: float [3, H_i, W_i] each."""
         images = []
         for i, x in enumerate(batched_inputs):
             image = x["image"].to(self.device)
@@ -216,7 +219,7 @@ class SOLOv2(nn.Module):
                 )
             image = image.expand(channels, -1, -1)
             images.append((image - self.pixel_mean) / self.pixel_std)
-        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+        return images
 
     def _instance_features(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         """The kernel/category branch's input per level, resized to the level's stride."""

@@ -1,6 +1,11 @@
-"""SOLOv2 inference for a whole batch: from head outputs to detectron2 `Instances`."""
-import math
-from typing import List, Optional, Sequence, Tuple
+"""SOLOv2 inference for a batch: from head outputs to detectron2 `Instances`.
+
+The steps are those of the paper and the reference implementations (see `SOLOv2PostProcessor`),
+written once, batched over images: candidates are padded to the largest count in the batch and
+carried with a validity mask, and each image's mask pixels are limited to the extent that the
+network computed for it.
+"""
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -8,22 +13,20 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
-from .candidate_masks import candidate_masks, lazy_zeros, runs
-from .grouping import ceil_log2, groups
-from .heads import flatten_levels
-from .matrix_nms import batched_matrix_nms, first_last, mask_boxes
+from .heads import dynamic_mask_logits, flatten_levels
+from .matrix_nms import matrix_nms_decay, sort_descending
 
 __all__ = [
+    "Detections",
     "SOLOv2PostProcessor",
     "detections_to_instances",
     "masks_to_boxes",
     "point_nms",
 ]
 
-# Pasting: a pasted pixel is a convex combination of soft mask values (two bilinear stages), so
-# it exceeds the threshold t only if one of them exceeds t / (1 + 2^-20) (float rounding of the
-# four 1-D interpolations included). Masks are pasted only where they exceed this fraction of t.
-_PASTE_MARGIN = 1 - 2.0**-18
+# Pasting works on at most this many bytes of float masks at a time, so that the memory of a
+# huge output image is its bool masks plus this.
+_PASTE_CHUNK_BYTES = 1 << 28
 
 
 def point_nms(scores: torch.Tensor) -> torch.Tensor:
@@ -39,22 +42,22 @@ def point_nms(scores: torch.Tensor) -> torch.Tensor:
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight boxes of bool masks [N, H, W] as float [N, 4] XYXY in detectron2's pixel-edge
+    """Tight boxes of bool masks [N, H, W] as float32 [N, 4] XYXY in detectron2's pixel-edge
     convention (x1 = first column, x2 = last column + 1); an empty mask gives (0, 0, 0, 0)."""
-    if masks.shape[0] == 0:
-        return torch.zeros((0, 4), dtype=torch.float32, device=masks.device)
-    return _boxes_in_window(masks, 0, 0)
+    rows, cols = masks.any(dim=2), masks.any(dim=1)  # [N, H], [N, W]
+    y0, y1 = _first_last(rows)
+    x0, x1 = _first_last(cols)
+    boxes = torch.stack([x0, y0, x1 + 1, y1 + 1], dim=1).float()
+    return boxes * rows.any(dim=1, keepdim=True)
 
 
-def _boxes_in_window(masks: torch.Tensor, top, left) -> torch.Tensor:
-    """float [N, 4] XYXY tight boxes of bool masks [N, h, w] that sit at (`top`, `left`) (ints or
-    int64 [N]) of a larger image; (0, 0, 0, 0) for an empty mask."""
-    # (amax of bytes: several times faster than any() of bools.)
-    pixels = masks.view(torch.uint8)
-    y0, y1 = first_last(pixels.amax(dim=2) > 0)
-    x0, x1 = first_last(pixels.amax(dim=1) > 0)
-    boxes = torch.stack([x0 + left, y0 + top, x1 + 1 + left, y1 + 1 + top], dim=1).float()
-    return boxes * (y1 >= 0)[:, None]
+def _first_last(flags: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """int64 [N] indices of the first and last True of each row of bool [N, L] (0 and L - 1
+    for a row without any)."""
+    index = torch.arange(flags.shape[1], device=flags.device)
+    first = torch.where(flags, index, flags.shape[1]).amin(dim=1)
+    last = torch.where(flags, index, -1).amax(dim=1)
+    return first.clamp(max=flags.shape[1] - 1), last.clamp(min=0)
 
 
 def detections_to_instances(
@@ -64,7 +67,7 @@ def detections_to_instances(
     boxes: Optional[torch.Tensor] = None,
 ) -> Instances:
     """The output format: `Instances` of the masks' size with `pred_masks` (bool [N, H, W]),
-    `scores` (float [N]), `pred_classes` (int64 [N]) and `pred_boxes` (the masks' tight boxes,
+    `scores` (float32 [N]), `pred_classes` (int64 [N]) and `pred_boxes` (the masks' tight boxes,
     so that box AP can be evaluated; computed from `masks` unless given as float [N, 4])."""
     result = Instances(tuple(masks.shape[-2:]))
     result.pred_masks = masks
@@ -74,26 +77,43 @@ def detections_to_instances(
     return result
 
 
+class Detections(NamedTuple):
+    """Padded per-image detections before pasting, sorted by descending score.
+
+    scores: float32 [B, M]; labels: int64 [B, M]; valid: bool [B, M] (valid entries first);
+    soft_masks: float32 [B, M, H_m, W_m] mask probabilities at the mask feature's resolution.
+    """
+
+    scores: torch.Tensor
+    labels: torch.Tensor
+    valid: torch.Tensor
+    soft_masks: torch.Tensor
+
+
 class SOLOv2PostProcessor:
     """Turns SOLOv2 head outputs for a batch into per-image `Instances`.
 
-    Steps, batched across images: sigmoid and point NMS on the category grids; the top
-    `max_mask_candidates` (cell, class) pairs above `score_thresh`, chosen BEFORE any mask is
-    computed so that memory and time are bounded by the config; their masks by one batched
-    dynamic convolution; binarisation; masks not larger than their level's stride dropped;
-    maskness rescoring; Matrix NMS; top `max_per_image`; upsampling to the input, cropping of each
-    image's own area and resizing to the requested output size.
+    The steps, per image as in the reference implementations, run batched:
 
-    Unlike the reference implementations, mask pixels in the batch padding outside an image's
-    own area are not counted, so an image gets the same result alone or in any batch.
+    1. category probabilities (sigmoid) and point NMS on every level's grid;
+    2. candidates: every (cell, class) pair scoring above `score_thresh`;
+    3. their masks, sigmoid of one batched dynamic convolution of the mask features with the
+       cells' kernels, binarised at `mask_thresh`;
+    4. candidates whose binary mask is not larger than their level's stride are dropped;
+    5. maskness: each score is multiplied by the mean probability inside its binary mask;
+    6. the top `pre_nms_topk` by score, label-aware Matrix NMS, scores below `update_thresh`
+       dropped, the top `max_per_image` kept;
+    7. their masks upsampled by `mask_stride`, cropped to the image, resized to the requested
+       output size (bilinear) and thresholded; boxes are the masks' tight boxes.
 
-    Speed (the results are those of the steps above): masks are computed only for candidates
-    above the threshold (none at all when no cell scores), and only in the blocks of pixels where
-    they can exceed the thresholds (:mod:`solov2_d2.candidate_masks`); the candidates' masks are
-    reduced to binary masks, areas and maskness sums, and the soft masks of the kept detections
-    are computed again afterwards (an exact repeat: at most `max_per_image` of them); each kept
-    mask is upsampled and resized only inside the window of the output where it can exceed the
-    threshold, and its box is read from that window.
+    Memory is bounded without dropping candidates: masks are computed for `chunk_size`
+    candidates at a time, and only three numbers per candidate are kept (step 3-5); the masks
+    of the top `pre_nms_topk` are computed again for the NMS, and those of the kept detections
+    for the output. `max_candidates` > 0 caps the candidates by category score before any mask
+    exists (off by default: it changes results where more candidates pass).
+
+    Computation is float32 whatever the dtype of the head outputs (float16 under autocast), so
+    areas, sums and intersection counts are exact up to 2^24 pixels.
     """
 
     @configurable
@@ -103,13 +123,14 @@ class SOLOv2PostProcessor:
         strides: Sequence[int],
         mask_stride: int,
         score_thresh: float = 0.1,
-        max_mask_candidates: int = 500,
         mask_thresh: float = 0.5,
         pre_nms_topk: int = 500,
         nms_kernel: str = "gaussian",
         nms_sigma: float = 2.0,
         update_thresh: float = 0.05,
         max_per_image: int = 100,
+        max_candidates: int = 0,
+        chunk_size: int = 128,
     ):
         """
         Args:
@@ -117,22 +138,25 @@ class SOLOv2PostProcessor:
                 pixels) for that level's candidates.
             mask_stride: stride of the mask feature relative to the input.
             score_thresh: minimum category score of a candidate.
-            max_mask_candidates: candidates per image whose masks are computed.
-            mask_thresh: binarisation threshold of the soft masks, in [0, 1).
-            pre_nms_topk, nms_kernel, nms_sigma: Matrix NMS input size, kernel and sigma.
+            mask_thresh: binarisation threshold of the mask probabilities, in [0, 1).
+            pre_nms_topk: candidates, by rescored score, that enter Matrix NMS.
+            nms_kernel, nms_sigma: Matrix NMS kernel ("gaussian" or "linear") and sigma.
             update_thresh: minimum score after Matrix NMS.
             max_per_image: detections per image.
+            max_candidates: if > 0, at most this many candidates per image (by category score).
+            chunk_size: candidates whose masks are computed at once.
         """
         self.strides = list(strides)
         self.mask_stride = mask_stride
         self.score_thresh = score_thresh
-        self.max_mask_candidates = max_mask_candidates
         self.mask_thresh = mask_thresh
         self.pre_nms_topk = pre_nms_topk
         self.nms_kernel = nms_kernel
         self.nms_sigma = nms_sigma
         self.update_thresh = update_thresh
         self.max_per_image = max_per_image
+        self.max_candidates = max_candidates
+        self.chunk_size = chunk_size
 
     @classmethod
     def from_config(cls, cfg, mask_stride: int):
@@ -141,13 +165,14 @@ class SOLOv2PostProcessor:
             "strides": c.INSTANCE_STRIDES,
             "mask_stride": mask_stride,
             "score_thresh": c.SCORE_THRESH_TEST,
-            "max_mask_candidates": c.MAX_MASK_CANDIDATES,
             "mask_thresh": c.MASK_THRESH_TEST,
             "pre_nms_topk": c.PRE_NMS_TOPK_TEST,
             "nms_kernel": c.NMS_KERNEL,
             "nms_sigma": c.NMS_SIGMA,
             "update_thresh": c.UPDATE_THRESH_TEST,
             "max_per_image": c.MAX_PER_IMAGE_TEST,
+            "max_candidates": c.MAX_MASK_CANDIDATES,
+            "chunk_size": c.MASK_CHUNK_SIZE,
         }
 
     @torch.no_grad()
@@ -156,227 +181,166 @@ class SOLOv2PostProcessor:
         cate_logits: List[torch.Tensor],
         kernels: List[torch.Tensor],
         mask_features: torch.Tensor,
-        image_sizes: List[Tuple[int, int]],
-        output_sizes: List[Tuple[int, int]],
+        mask_extents: Sequence[Tuple[int, int]],
+        image_sizes: Sequence[Tuple[int, int]],
+        output_sizes: Sequence[Tuple[int, int]],
     ) -> List[Instances]:
         """
         Args:
             cate_logits: per level [B, C, S_l, S_l].
             kernels: per level [B, E * k * k, S_l, S_l].
             mask_features: [B, E, H_m, W_m] at `mask_stride` of the padded input.
+            mask_extents: per image (h_m, w_m), the part of the mask features computed for the
+                image (its own padded input, divided by `mask_stride`).
             image_sizes: per image (h, w) of the input before padding.
             output_sizes: per image (height, width) of the requested output.
         Returns:
             per image, `Instances` of size `output_sizes[i]` with `pred_masks` (bool [N, H, W]),
-            `scores` (float [N]), `pred_classes` (int64 [N]) and `pred_boxes` (tight boxes of
+            `scores` (float32 [N]), `pred_classes` (int64 [N]) and `pred_boxes` (tight boxes of
             the masks), sorted by decreasing score.
         """
-        scores = flatten_levels([point_nms(x.sigmoid()) for x in cate_logits])  # [B, T, C]
-        cell_strides = torch.cat(
-            [
-                torch.full((x.shape[2] * x.shape[3],), s, device=scores.device)
-                for x, s in zip(cate_logits, self.strides)
-            ]
-        )
-        num_images, _, num_classes = scores.shape
-
-        k = min(self.max_mask_candidates, scores.shape[1] * num_classes)
-        cand_scores, flat_index = scores.flatten(1).topk(k, dim=1)  # sorted, [B, K]
-        # A host read of the largest candidate count, so that no mask is computed for
-        # candidates below the threshold (often all of them).
-        k = int((cand_scores > self.score_thresh).sum(dim=1).max())
-        if k == 0:
-            soft = mask_features.new_empty((0, *mask_features.shape[2:]))
-            return [
-                self._instances(soft, scores.new_empty(0), flat_index.new_empty(0), size, out)
-                for size, out in zip(image_sizes, output_sizes)
-            ]
-        cand_scores, flat_index = cand_scores[:, :k], flat_index[:, :k]
-        cells = flat_index // num_classes
-        labels = flat_index % num_classes
-        valid = cand_scores > self.score_thresh
-
-        kernels = flatten_levels(kernels)  # [B, T, D]
-        cand_kernels = kernels.gather(1, cells[..., None].expand(-1, -1, kernels.shape[2]))
-        s = self.mask_stride
-        extents = [(-(-h // s), -(-w // s)) for h, w in image_sizes]  # ceil
-        masks = candidate_masks(
-            mask_features,
-            cand_kernels,
-            extents,
-            self.mask_thresh,
-            self.mask_thresh * _PASTE_MARGIN,
-            valid,
-        )
-        areas = masks.areas
-        valid &= areas > cell_strides[cells]
-        cand_scores = cand_scores * (masks.soft_sums / areas.clamp(min=1))  # maskness
-
-        nms = batched_matrix_nms(
-            masks.binary,
-            labels,
-            cand_scores,
-            valid,
-            kernel=self.nms_kernel,
-            sigma=self.nms_sigma,
-            score_thresh=self.update_thresh,
-            pre_nms_topk=self.pre_nms_topk,
-            max_per_image=self.max_per_image,
-            mask_areas=areas,
-            mask_boxes=masks.boxes,
-        )
-        counts = nms.valid.sum(dim=1).tolist()  # host read: Instances sizes
-        num_kept = max(counts, default=0)
-        # The soft masks of the kept candidates where pasting reads them.
-        soft = masks.soft_masks(nms.keep[:, :num_kept], nms.valid[:, :num_kept])  # [B, N, Hm, Wm]
-
-        return [
-            self._instances(
-                soft[i, :n], nms.scores[i, :n], nms.labels[i, :n], image_sizes[i], output_sizes[i]
+        found = self.detect(cate_logits, kernels, mask_features, mask_extents)
+        counts = found.valid.sum(dim=1).tolist()  # host read: the sizes of the Instances
+        results = []
+        for i, n in enumerate(counts):
+            h_m, w_m = mask_extents[i]
+            soft = found.soft_masks[i, :n, :h_m, :w_m]
+            masks, boxes = self.paste(soft, image_sizes[i], output_sizes[i])
+            results.append(
+                detections_to_instances(masks, found.scores[i, :n], found.labels[i, :n], boxes)
             )
-            for i, n in enumerate(counts)
-        ]
+        return results
 
-    def _instances(self, soft, scores, labels, image_size, output_size) -> Instances:
-        """`Instances` of one image from the soft masks [N, Hm, Wm] of its detections."""
-        masks, boxes = self._paste(soft, image_size, output_size)
-        return detections_to_instances(masks, scores, labels, boxes)
+    @torch.no_grad()
+    def detect(
+        self,
+        cate_logits: List[torch.Tensor],
+        kernels: List[torch.Tensor],
+        mask_features: torch.Tensor,
+        mask_extents: Sequence[Tuple[int, int]],
+    ) -> Detections:
+        """Steps 1-6 for the batch (arguments as in `__call__`)."""
+        device = mask_features.device
+        with torch.autocast(device.type, enabled=False):
+            cate_logits = [x.float() for x in cate_logits]
+            kernels = flatten_levels([x.float() for x in kernels])  # [B, T, D]
+            mask_features = mask_features.float()
+            inside = self._pixels_inside(mask_extents, mask_features.shape[-2:], device)
 
-    def _paste(self, soft, image_size, output_size) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Soft masks [N, Hm, Wm] -> bool [N, height, width] masks of the requested output and
-        their float [N, 4] XYXY tight boxes.
+            scores = flatten_levels([point_nms(x.sigmoid()) for x in cate_logits])  # [B, T, C]
+            scores, cells, labels, valid = self._candidates(scores)  # [B, K] each
+            cell_strides = torch.cat(
+                [
+                    torch.full((x.shape[2] * x.shape[3],), float(s), device=device)
+                    for x, s in zip(cate_logits, self.strides)
+                ]
+            )
+            areas, soft_sums = self._mask_sums(mask_features, kernels, cells, inside)
+            valid &= areas > cell_strides[cells]
+            scores = scores * (soft_sums / areas.clamp(min=1))  # maskness
 
-        The result is that of upsampling the masks by `mask_stride` (bilinear), cropping the
-        image's own area, resizing it to the output size (bilinear) and thresholding, but each
-        mask is processed only inside the window of the output where it can exceed the threshold
-        (outside, every soft value it depends on is below `_PASTE_MARGIN` times the threshold).
-        Masks with windows of similar sizes are processed together, padded to the largest
-        window. The upsampling is F.interpolate of a crop, bit-identical to that of the whole
-        map for power-of-two strides; the resizing, where the output size is not the image's,
-        gathers and weights pixels as F.interpolate does, identical up to float rounding.
+            order = sort_descending(scores, valid)
+            if self.pre_nms_topk > 0:
+                order = order[:, : self.pre_nms_topk]
+            scores, cells, labels, valid = (
+                x.gather(1, order) for x in (scores, cells, labels, valid)
+            )
+            binary = self._mask_probs(mask_features, kernels, cells, inside, binary=True)
+            decay = matrix_nms_decay(
+                binary, labels, valid, kernel=self.nms_kernel, sigma=self.nms_sigma
+            )
+            scores = scores * decay
+            valid &= scores >= self.update_thresh
+
+            rank = sort_descending(scores, valid)
+            if self.max_per_image > 0:
+                rank = rank[:, : self.max_per_image]
+            scores, cells, labels, valid = (
+                x.gather(1, rank) for x in (scores, cells, labels, valid)
+            )
+            soft = self._mask_probs(mask_features, kernels, cells, inside, binary=False)
+            return Detections(
+                scores=scores.masked_fill(~valid, 0),
+                labels=labels.masked_fill(~valid, -1),
+                valid=valid,
+                soft_masks=soft.view(*cells.shape, *mask_features.shape[-2:]),
+            )
+
+    def _candidates(self, scores: torch.Tensor):
+        """Step 2: (cell, class) pairs above the score threshold, from scores [B, T, C].
+
+        Returns float32 scores, int64 cells, int64 labels and bool valid, each [B, K], with K the
+        largest candidate count of an image (capped by `max_candidates` if set).
         """
-        num = soft.shape[0]
+        flat = scores.flatten(1)
+        count = int((flat > self.score_thresh).sum(dim=1).max())  # host read: the padded size
+        if self.max_candidates > 0:
+            count = min(count, self.max_candidates)
+        top, index = flat.topk(count, dim=1)
+        # In (cell, class) order, so that later stable sorts break ties as the references do.
+        index, order = index.sort(dim=1)
+        top = top.gather(1, order)
+        num_classes = scores.shape[2]
+        return top, index // num_classes, index % num_classes, top > self.score_thresh
+
+    @staticmethod
+    def _pixels_inside(mask_extents, size, device) -> torch.Tensor:
+        """float32 [B, 1, H_m * W_m]: 1 for the mask pixels inside each image's extent, else 0."""
+        extents = torch.tensor(list(mask_extents), device=device).view(-1, 2, 1)
+        rows = torch.arange(size[0], device=device) < extents[:, 0]  # [B, H_m]
+        cols = torch.arange(size[1], device=device) < extents[:, 1]  # [B, W_m]
+        return (rows[:, :, None] & cols[:, None, :]).flatten(1)[:, None].float()
+
+    def _chunk_probs(self, mask_features, kernels, cells, inside):
+        """Mask probabilities [B, n, H_m * W_m] of the candidates `cells` [B, K], `chunk_size`
+        candidates at a time; 0 outside each image's extent (`inside`, float [B, 1, H_m * W_m])."""
+        for start in range(0, cells.shape[1], self.chunk_size):
+            index = cells[:, start : start + self.chunk_size]
+            chunk = kernels.gather(1, index[..., None].expand(-1, -1, kernels.shape[2]))
+            yield dynamic_mask_logits(mask_features, chunk).flatten(2).sigmoid_().mul_(inside)
+
+    def _mask_sums(self, mask_features, kernels, cells, inside):
+        """Steps 3-5: float32 [B, K] binary mask areas and sums of probability over them."""
+        areas = [mask_features.new_zeros((cells.shape[0], 0))]
+        soft_sums = [mask_features.new_zeros((cells.shape[0], 0))]
+        for probs in self._chunk_probs(mask_features, kernels, cells, inside):
+            binary = probs > self.mask_thresh
+            areas.append(binary.sum(dim=2).float())
+            # Exact in float64 for thresholds >= 1/64 (probabilities above it are multiples of
+            # 2^-29; 2^24 of them need 53 bits), so a sum does not depend on the batch padding.
+            soft_sums.append((probs * binary).double().sum(dim=2).float())
+        return torch.cat(areas, dim=1), torch.cat(soft_sums, dim=1)
+
+    def _mask_probs(self, mask_features, kernels, cells, inside, binary: bool) -> torch.Tensor:
+        """[B, K, H_m * W_m] mask probabilities of the candidates `cells` [B, K] (0 outside the
+        image's extent), or their binary masks (bool) if `binary`."""
+        dtype = torch.bool if binary else torch.float32
+        out = [mask_features.new_zeros((cells.shape[0], 0, inside.shape[2]), dtype=dtype)]
+        for probs in self._chunk_probs(mask_features, kernels, cells, inside):
+            out.append(probs > self.mask_thresh if binary else probs)
+        return torch.cat(out, dim=1)
+
+    def paste(
+        self, soft: torch.Tensor, image_size: Tuple[int, int], output_size: Tuple[int, int]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Step 7 for one image: mask probabilities [N, h_m, w_m] (the image's extent) -> bool
+        [N, height, width] masks of the requested output and their float32 [N, 4] XYXY boxes.
+
+        Masks are processed a few at a time, so that the float intermediates stay within
+        `_PASTE_CHUNK_BYTES` whatever the output size.
+        """
+        num, h_m, w_m = soft.shape
         height, width = output_size
-        masks = lazy_zeros((num, height, width), torch.bool, soft.device)
+        masks = torch.empty((num, height, width), dtype=torch.bool, device=soft.device)
         boxes = torch.zeros((num, 4), device=soft.device)
-        if num == 0:
-            return masks, boxes
-        s = self.mask_stride
-        # The mask pixels that bilinear upsampling reads for the image's own pixels.
-        rows = min(soft.shape[1], -(-image_size[0] // s) + 1)
-        cols = min(soft.shape[2], -(-image_size[1] // s) + 1)
-        axis_y = _PasteAxis(image_size[0], height, rows, s, soft.device)
-        axis_x = _PasteAxis(image_size[1], width, cols, s, soft.device)
-        # Boxes of the pixels above the margin, cut to those that the image's pixels read.
-        high = mask_boxes(soft > self.mask_thresh * _PASTE_MARGIN)
-        top, bottom = axis_y.windows(high[:, 0], high[:, 2].clamp(max=rows - 1))
-        left, right = axis_x.windows(high[:, 1], high[:, 3].clamp(max=cols - 1))
-        sizes_y, sizes_x = bottom - top, right - left
-
-        # Group the masks by window size class (powers of two).
-        classes = max(height, width).bit_length() + 1
-        bins = ceil_log2(sizes_y.clamp(min=1)) * classes + ceil_log2(sizes_x.clamp(min=1))
-        nonempty = (sizes_y > 0) & (sizes_x > 0)
-        for index, (size_y, size_x) in groups(bins, nonempty, classes * classes, sizes_y, sizes_x):
-            y0 = top[index].clamp(max=height - size_y)
-            x0 = left[index].clamp(max=width - size_x)
-            window = self._window_masks(soft, index, axis_y, axis_x, y0, x0, size_y, size_x)
-            # The windows' rows are disjoint runs of the output's pixels.
-            rows = _window(index * height + y0, size_y) * width + x0[:, None]
-            runs(masks, size_x)[rows.flatten()] = window.view(-1, size_x)
-            boxes[index] = _boxes_in_window(window, y0, x0)
+        upsampled = (h_m * self.mask_stride, w_m * self.mask_stride)
+        largest = max(upsampled[0] * upsampled[1], height * width)
+        step = max(1, _PASTE_CHUNK_BYTES // (4 * largest))
+        for start in range(0, num, step):
+            x = soft[start : start + step, None]
+            x = F.interpolate(x, size=upsampled, mode="bilinear", align_corners=False)
+            x = x[..., : image_size[0], : image_size[1]]
+            x = F.interpolate(x, size=output_size, mode="bilinear", align_corners=False)
+            masks[start : start + step] = x[:, 0] > self.mask_thresh
+            boxes[start : start + step] = masks_to_boxes(masks[start : start + step])
         return masks, boxes
-
-    def _window_masks(self, soft, index, axis_y, axis_x, y0, x0, size_y: int, size_x: int):
-        """bool [n, size_y, size_x]: the output windows at (y0, x0) (int64 [n]) of the masks
-        `index` (int64 [n]) of `soft` [N, Hm, Wm], all of one size."""
-        s = self.mask_stride
-        crop_y, crop_h = axis_y.crop(y0, size_y)
-        crop_x, crop_w = axis_x.crop(x0, size_x)
-        rows = _window(index * soft.shape[1] + crop_y, crop_h) * soft.shape[2] + crop_x[:, None]
-        crops = runs(soft, crop_w)[rows.flatten()].view(-1, 1, crop_h, crop_w)
-        up = F.interpolate(
-            crops, size=(crop_h * s, crop_w * s), mode="bilinear", align_corners=False
-        )[:, 0]
-        # Resizing: columns first, then rows (F.interpolate's order); then the window.
-        if axis_x.resized:
-            up = axis_x.resample(up, x0, crop_x, size_x)
-        if axis_y.resized:
-            up = axis_y.resample(up.transpose(1, 2), y0, crop_y, size_y).transpose(1, 2)
-        up = (up > self.mask_thresh).contiguous()
-        height, width = up.shape[1:]
-        rows = _window(torch.arange(len(index), device=up.device) * height, size_y)
-        rows = (rows + axis_y.window_start(y0, crop_y)[:, None]) * width
-        rows = rows + axis_x.window_start(x0, crop_x)[:, None]
-        return runs(up, size_x)[rows.flatten()].view(-1, size_y, size_x)
-
-
-def _window(start: torch.Tensor, size: int) -> torch.Tensor:
-    """int64 [N, size]: positions start .. start + size - 1 of each of N windows."""
-    return start[:, None] + torch.arange(size, device=start.device)
-
-
-class _PasteAxis:
-    """One axis (rows or columns) of pasting: mask pixels 0 .. `extent` - 1 are upsampled by
-    `stride` (bilinear); of the result, the image's `size` pixels are resized to `out_size`
-    (bilinear, align_corners False). Positions along the axis are int64 [N] tensors, one per
-    mask; sizes are host ints shared by a group of masks.
-    """
-
-    def __init__(self, size: int, out_size: int, extent: int, stride: int, device):
-        self.size, self.out_size, self.extent, self.stride = size, out_size, extent, stride
-        self.resized = size != out_size
-        if self.resized:
-            # F.interpolate's source coordinate of each output pixel and its two neighbours.
-            scale = torch.tensor(size, dtype=torch.float32, device=device) / out_size
-            source = (torch.arange(out_size, device=device) + 0.5) * scale - 0.5
-            source = source.clamp(min=0)
-            self.first = source.floor().long().clamp(max=size - 1)
-            self.second = (self.first + 1).clamp(max=size - 1)
-            self.weight = source - self.first  # of the second
-
-    def windows(self, low: torch.Tensor, high: torch.Tensor):
-        """Output windows [start, end) (int64 [N] each) outside which a mask whose pixels above
-        the paste margin lie in [low, high] (high < low: none) cannot exceed the threshold."""
-        s = self.stride
-        # Upsampled pixel u reads mask pixels floor((u + 0.5) / s - 0.5) and the next one.
-        start = ((low - 1) * s).clamp(0, self.size)
-        end = ((high + 2) * s).clamp(0, self.size)
-        if self.resized:
-            start = torch.searchsorted(self.second, start)
-            end = torch.searchsorted(self.first, end - 1, right=True)
-        return start, torch.where(high >= low, end, start)
-
-    def crop(self, start: torch.Tensor, size: int) -> Tuple[torch.Tensor, int]:
-        """The mask pixels [crop_start, crop_start + crop_size) to upsample for the output
-        windows [start, start + size): crop_start int64 [N], crop_size a host int."""
-        s = self.stride
-        # The windows read upsampled pixels first .. first + span at most.
-        if self.resized:
-            first = self.first[start]
-            span = math.ceil((size - 1) * self.size / self.out_size) + 3  # +1: float rounding
-        else:
-            first, span = start, size - 1
-        # Upsampled pixel u reads mask pixels u // s - 1 .. u // s + 1 at most: the windows read
-        # no mask pixel outside the crop, and no upsampled pixel that F.interpolate's clamping at
-        # the crop's borders (unlike the whole map's) changes.
-        crop_size = min(self.extent, span // s + 4)
-        return (first // s - 1).clamp(0, self.extent - crop_size), crop_size
-
-    def resample(self, x, start, crop_start, size: int) -> torch.Tensor:
-        """Resize along the last dim: output pixels [start, start + size) of upsampled crops x
-        (float [N, R, C], starting at upsampled pixel crop_start * stride)."""
-        offset = (crop_start * self.stride)[:, None]
-        position = _window(start, size)
-        shape = (*x.shape[:2], size)
-        first = (self.first[position] - offset)[:, None].expand(shape)
-        second = (self.second[position] - offset)[:, None].expand(shape)
-        weight = self.weight[position][:, None]
-        return x.gather(2, first) * (1 - weight) + x.gather(2, second) * weight
-
-    def window_start(self, start, crop_start) -> torch.Tensor:
-        """int64 [N]: where output pixel `start` is in upsampled crops (starting at upsampled
-        pixel crop_start * stride) that were resized if needed."""
-        if self.resized:
-            return torch.zeros_like(start)
-        return start - crop_start * self.stride

@@ -13,8 +13,9 @@ from detectron2.data.datasets import register_lvis_instances
 from detectron2.engine import DefaultPredictor
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes
+from detectron2.structures import Boxes, ImageList
 
+from solov2_d2.network_policy import NetworkPolicy
 from solov2_d2.postprocess import detections_to_instances, masks_to_boxes
 
 VAL = "coco_mini_val"
@@ -195,37 +196,60 @@ def test_cpu_inference_is_channels_last_with_the_same_results(predictor_cfg):
         model(inputs)
         for hook in hooks:
             hook.remove()
-        features = model.backbone(model.preprocess_image(inputs).tensor)
+        images = ImageList.from_tensors(model.preprocess_image(inputs), 32)
+        features = model.backbone(images.tensor)
         expected = model.mask_head([features[f] for f in model.mask_in_features])
     assert seen["x"].is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(seen["out"], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_batch_runs_the_network_per_image_with_the_batched_results(predictor_cfg):
-    """On the CPU the network sees one image at a time (faster per image there); the batch's
-    detections equal those of each image run alone, and those of a batched network."""
+def _fruit_inputs(sizes):
+    """Real photos (fruit val) resized to `sizes`, as DatasetMapper gives them: uint8 BGR CHW."""
+    files = sorted(d["file_name"] for d in DatasetCatalog.get("fruit_val"))
+    inputs = []
+    for file, (h, w) in zip(files, sizes):
+        image = cv2.resize(cv2.imread(file), (w, h), interpolation=cv2.INTER_AREA)
+        inputs.append({"image": torch.from_numpy(image.transpose(2, 0, 1).copy())})
+    return inputs
+
+
+def test_an_image_gets_identical_instances_alone_and_in_any_batch(predictor_cfg):
+    """On the CPU the network sees one image at a time, over its own padded extent, and the
+    post-processing keeps each image to that extent: identical instances alone and batched."""
     torch.manual_seed(0)
-    predictor_cfg = predictor_cfg.clone()
-    predictor_cfg.MODEL.SOLOV2.PRIOR_PROB = 0.5  # detections from random weights
     model = build_model(predictor_cfg).eval()
-    g = torch.Generator().manual_seed(3)
-    inputs = [
-        {"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)}
-        for h, w in [(192, 256), (160, 224), (200, 180)]
-    ]
+    inputs = _fruit_inputs([(512, 512), (375, 500), (333, 250)])
     batch_sizes = []
     model.backbone.register_forward_pre_hook(lambda m, args: batch_sizes.append(len(args[0])))
     with torch.no_grad():
         batched = model(inputs)
-        assert batch_sizes == [1, 1, 1]
-        images = model.preprocess_image(inputs)
-        network = model._network(images.tensor)
-        sizes = [tuple(s) for s in images.image_sizes]
-        reference = model.postprocessor(*network, sizes, sizes)
-    assert sum(len(r["instances"]) for r in batched) > 0
-    for ours, ref in zip(batched, reference):
-        ours = ours["instances"]
-        torch.testing.assert_close(ours.scores, ref.scores, rtol=1e-4, atol=1e-4)
-        assert torch.equal(ours.pred_classes, ref.pred_classes)
-        # Float rounding of the two network paths may flip pixels at the threshold only.
-        assert (ours.pred_masks != ref.pred_masks).float().mean() < 1e-3
+        reversed_batch = model(inputs[::-1])[::-1]
+        alone = [model([x])[0] for x in inputs]
+    assert batch_sizes[:3] == [1, 1, 1]
+    assert all(len(r["instances"]) > 0 for r in alone)
+    for results in (batched, reversed_batch):
+        for ours, ref in zip(results, alone):
+            ours, ref = ours["instances"], ref["instances"]
+            assert torch.equal(ours.scores, ref.scores)
+            assert torch.equal(ours.pred_classes, ref.pred_classes)
+            assert torch.equal(ours.pred_masks, ref.pred_masks)
+
+
+def test_batched_network_policy_runs_the_whole_batch_at_once(predictor_cfg):
+    """The policy used off the CPU: one padded batch through the network. The grids then cover
+    the batch's padded extent, so a smaller image's detections differ from its own."""
+    torch.manual_seed(0)
+    model = build_model(predictor_cfg).eval()
+    model.network_policy = NetworkPolicy(per_image=False, channels_last=False)
+    inputs = _fruit_inputs([(320, 320), (256, 320)])
+    batch_sizes = []
+    model.backbone.register_forward_pre_hook(lambda m, args: batch_sizes.append(len(args[0])))
+    with torch.no_grad():
+        batched = model(inputs)
+        alone = model(inputs[:1])
+    assert batch_sizes == [2, 1]
+    # The largest image fills the padded batch: its grids and detections are its own.
+    a, b = batched[0]["instances"], alone[0]["instances"]
+    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
+    assert (a.pred_masks != b.pred_masks).float().mean() < 1e-4
+    assert batched[1]["instances"].image_size == (256, 320)

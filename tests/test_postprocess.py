@@ -1,3 +1,5 @@
+"""SOLOv2PostProcessor against a straightforward per-image implementation of the references'
+steps, on every candidate count, in chunks, with half-precision inputs and batch padding."""
 import math
 
 import numpy as np
@@ -6,26 +8,25 @@ import torch
 import torch.nn.functional as F
 
 from solov2_d2 import postprocess as pp
-from solov2_d2.heads import dynamic_mask_logits, flatten_levels
-from solov2_d2.matrix_nms import batched_matrix_nms
 from solov2_d2.postprocess import SOLOv2PostProcessor, masks_to_boxes, point_nms
 
 GRIDS = [40, 36, 24, 16, 12]
+STRIDES = [8, 8, 16, 32, 32]
 
 
 def _processor(**kwargs):
-    args = dict(strides=[8, 8, 16, 32, 32], mask_stride=4)
+    args = dict(strides=STRIDES, mask_stride=4)
     args.update(kwargs)
     return SOLOv2PostProcessor(**args)
 
 
-def _head_outputs(batch, padded=(128, 160), classes=5, dim=16, seed=0):
-    """Random head outputs with real candidates: a few cells per image score high and their
-    kernels pick out blob-like masks from a mask feature built of blobs."""
+def _head_outputs(batch, mask_size=(32, 40), classes=5, dim=16, seed=0, cate_shift=-3.0):
+    """Random head outputs with real candidates: category logits around `cate_shift`, and a mask
+    feature made of blobs that the kernels combine into blob-like masks."""
     g = torch.Generator().manual_seed(seed)
-    cate = [torch.randn(batch, classes, s, s, generator=g) * 2 - 3 for s in GRIDS]
+    cate = [torch.randn(batch, classes, s, s, generator=g) * 2 + cate_shift for s in GRIDS]
     kernels = [torch.randn(batch, dim, s, s, generator=g) for s in GRIDS]
-    hm, wm = padded[0] // 4, padded[1] // 4
+    hm, wm = mask_size
     ys = torch.arange(hm).view(-1, 1).float()
     xs = torch.arange(wm).view(1, -1).float()
     feats = []
@@ -37,6 +38,77 @@ def _head_outputs(batch, padded=(128, 160), classes=5, dim=16, seed=0):
             blobs.append(r - ((ys - cy) ** 2 + (xs - cx) ** 2).sqrt())
         feats.append(torch.stack(blobs))
     return cate, kernels, torch.stack(feats)
+
+
+def _run(proc, cate, kernels, feats, sizes, outputs=None):
+    """Call `proc` with each image's extent derived from its size (stride 4, no divisibility)."""
+    extents = [(-(-h // 4), -(-w // 4)) for h, w in sizes]
+    return proc(cate, kernels, feats, extents, sizes, outputs or sizes)
+
+
+def _reference(proc, cate, kernels, feats, sizes, outputs=None):
+    """The references' inference (mmdetection's SOLOv2 head and `mask_matrix_nms`), one image
+    at a time, on each image's own part of the mask features. Returns per image (masks, scores,
+    labels)."""
+    results = []
+    for i, (h, w) in enumerate(sizes):
+        out_size = (outputs or sizes)[i]
+        hm, wm = -(-h // 4), -(-w // 4)
+        scores = torch.cat([point_nms(c[i : i + 1].sigmoid())[0].flatten(1).T for c in cate])
+        kern = torch.cat([k[i].flatten(1).T for k in kernels])
+        strides = torch.cat([torch.full((s * s,), st) for s, st in zip(GRIDS, STRIDES)])
+        inds = (scores > proc.score_thresh).nonzero()
+        cate_scores, labels = scores[inds[:, 0], inds[:, 1]], inds[:, 1]
+        if proc.max_candidates > 0:
+            top = cate_scores.argsort(descending=True)[: proc.max_candidates]
+            inds, cate_scores, labels = inds[top], cate_scores[top], labels[top]
+        fmap = feats[i, :, :hm, :wm]
+        soft = (kern[inds[:, 0]] @ fmap.flatten(1)).view(-1, hm, wm).sigmoid()
+        binary = soft > proc.mask_thresh
+        areas = binary.sum((1, 2)).float()
+        keep = areas > strides[inds[:, 0]]
+        soft, binary, areas = soft[keep], binary[keep], areas[keep]
+        cate_scores, labels = cate_scores[keep], labels[keep]
+        cate_scores = cate_scores * ((soft * binary).sum((1, 2)) / areas)
+        # mask_matrix_nms
+        order = cate_scores.argsort(descending=True, stable=True)[: proc.pre_nms_topk]
+        soft, binary, areas = soft[order], binary[order], areas[order]
+        cate_scores, labels = cate_scores[order], labels[order]
+        n = len(labels)
+        flat = binary.flatten(1).float()
+        inter = flat @ flat.T
+        union = areas.expand(n, n) + areas.expand(n, n).T - inter
+        iou = (inter / union).triu(diagonal=1)
+        same = (labels.expand(n, n) == labels.expand(n, n).T).triu(diagonal=1)
+        decay_iou = iou * same
+        comp = decay_iou.max(0)[0].expand(n, n).T if n else decay_iou
+        if proc.nms_kernel == "gaussian":
+            ratio = torch.exp(-proc.nms_sigma * decay_iou**2) / torch.exp(
+                -proc.nms_sigma * comp**2
+            )
+        else:
+            ratio = (1 - decay_iou) / (1 - comp)
+        decayed = cate_scores * (ratio.min(0)[0] if n else cate_scores)
+        keep = decayed >= proc.update_thresh
+        soft, decayed, labels = soft[keep], decayed[keep], labels[keep]
+        order = decayed.argsort(descending=True, stable=True)[: proc.max_per_image]
+        soft, decayed, labels = soft[order], decayed[order], labels[order]
+        if len(soft) == 0:
+            results.append((torch.zeros(0, *out_size, dtype=torch.bool), decayed, labels))
+            continue
+        up = F.interpolate(soft[None], size=(hm * 4, wm * 4), mode="bilinear")[..., :h, :w]
+        up = F.interpolate(up, size=out_size, mode="bilinear")[0]
+        results.append((up > proc.mask_thresh, decayed, labels))
+    return results
+
+
+def _assert_equal_to_reference(ours, reference):
+    for r, (masks, scores, labels) in zip(ours, reference):
+        torch.testing.assert_close(r.scores, scores, rtol=0, atol=1e-6)
+        assert torch.equal(r.pred_classes, labels)
+        assert torch.equal(r.pred_masks, masks)
+        assert torch.equal(r.pred_boxes.tensor, masks_to_boxes(masks))
+        assert r.pred_masks.dtype == torch.bool and r.scores.dtype == torch.float32
 
 
 def test_point_nms_keeps_exactly_the_local_maxima():
@@ -59,204 +131,78 @@ def test_boxes_are_the_tight_bounds_of_the_masks():
     boxes = masks_to_boxes(masks)
     for m, box in zip(masks.numpy(), boxes.tolist()):
         ys, xs = np.nonzero(m)
-        if len(xs) == 0:
-            expected = [0, 0, 0, 0]
-        else:
-            expected = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        expected = [0, 0, 0, 0] if len(xs) == 0 else [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
         assert box == expected
     assert masks_to_boxes(torch.zeros(0, 5, 5, dtype=torch.bool)).shape == (0, 4)
 
 
-def test_batched_results_equal_per_image_results():
-    sizes = [(128, 160), (100, 130), (61, 75)]
-    outputs = [(120, 150), (200, 260), (61, 75)]
-    cate, kernels, feats = _head_outputs(3)
-    proc = _processor(score_thresh=0.2)
-    batched = proc(cate, kernels, feats, sizes, outputs)
-    assert sum(len(r) for r in batched) > 10
-    for i in range(3):
-        alone = proc(
-            [c[i : i + 1] for c in cate], [k[i : i + 1] for k in kernels], feats[i : i + 1],
-            [sizes[i]], [outputs[i]],
-        )[0]
-        ours = batched[i]
-        assert ours.image_size == outputs[i] == alone.image_size
-        torch.testing.assert_close(ours.scores, alone.scores)
-        assert torch.equal(ours.pred_classes, alone.pred_classes)
-        assert torch.equal(ours.pred_masks, alone.pred_masks)
-        assert torch.equal(ours.pred_boxes.tensor, alone.pred_boxes.tensor)
-        assert torch.equal(ours.pred_boxes.tensor, masks_to_boxes(ours.pred_masks))
-        assert (ours.scores[:-1] >= ours.scores[1:]).all()
-        assert ours.pred_masks.dtype == torch.bool and ours.pred_classes.dtype == torch.int64
-
-
-def test_padding_outside_an_image_does_not_change_its_result():
-    """An image padded by a larger neighbour gets the same detections as with its own padding,
-    even where its masks would leak into the padding."""
-    cate, kernels, feats = _head_outputs(1, padded=(128, 160))
-    proc = _processor(score_thresh=0.2)
-    small = proc(cate, kernels, feats, [(96, 120)], [(96, 120)])[0]
-    bigger = F.pad(feats, (0, 8, 0, 8), value=5.0)  # strong activations in the extra padding
-    padded = proc(cate, kernels, bigger, [(96, 120)], [(96, 120)])[0]
-    assert len(small) > 0
-    torch.testing.assert_close(small.scores, padded.scores)
-    assert torch.equal(small.pred_masks, padded.pred_masks)
-
-
-def _reference_paste(soft, image_size, output_size, stride=4, thresh=0.5):
-    """The straightforward pasting: upsample the whole padded soft masks [N, Hm, Wm], crop the
-    image, resize to the output size; also the bilinear values before thresholding."""
-    up = F.interpolate(
-        soft[None], scale_factor=stride, mode="bilinear", align_corners=False
-    )[..., : image_size[0], : image_size[1]]
-    if tuple(output_size) != tuple(image_size):
-        up = F.interpolate(up, size=output_size, mode="bilinear", align_corners=False)
-    return up[0] > thresh, up[0]
-
-
-def _reference_postprocess(proc, cate_logits, kernels, mask_features, image_sizes, output_sizes):
-    """SOLOv2PostProcessor's steps done the straightforward way: all soft masks of the top
-    candidates at once, whole-map pasting, boxes from the full masks."""
-    scores = flatten_levels([point_nms(x.sigmoid()) for x in cate_logits])
-    kernels = flatten_levels(kernels)
-    cell_strides = torch.cat(
-        [torch.full((x.shape[2] * x.shape[3],), s) for x, s in zip(cate_logits, proc.strides)]
-    )
-    num_classes = scores.shape[2]
-    k = min(proc.max_mask_candidates, scores.shape[1] * num_classes)
-    cand_scores, flat_index = scores.flatten(1).topk(k, dim=1)
-    cells, labels = flat_index // num_classes, flat_index % num_classes
-    valid = cand_scores > proc.score_thresh
-    cand_kernels = kernels.gather(1, cells[..., None].expand(-1, -1, kernels.shape[2]))
-    soft = dynamic_mask_logits(mask_features, cand_kernels).sigmoid()
-    inside = torch.zeros(soft.shape[0], 1, *soft.shape[2:], dtype=torch.bool)
-    for i, (h, w) in enumerate(image_sizes):
-        inside[i, :, : -(-h // 4), : -(-w // 4)] = True
-    binary = (soft > proc.mask_thresh) & inside
-    areas = binary.sum(dim=(2, 3))
-    valid &= areas > cell_strides[cells]
-    cand_scores = cand_scores * (soft * binary).sum(dim=(2, 3)) / areas.clamp(min=1)
-    nms = batched_matrix_nms(
-        binary, labels, cand_scores, valid, kernel=proc.nms_kernel, sigma=proc.nms_sigma,
-        score_thresh=proc.update_thresh, pre_nms_topk=proc.pre_nms_topk,
-        max_per_image=proc.max_per_image, mask_areas=areas,
-    )
-    results = []
-    for i, n in enumerate(nms.valid.sum(dim=1).tolist()):
-        masks = _reference_paste(soft[i, nms.keep[i, :n]], image_sizes[i], output_sizes[i])[0]
-        results.append((masks, nms.scores[i, :n], nms.labels[i, :n], masks_to_boxes(masks)))
-    return results
-
-
 @pytest.mark.parametrize("kernel", ["gaussian", "linear"])
-def test_results_equal_the_straightforward_path(kernel):
+def test_more_than_500_candidates_equal_the_references_steps(kernel):
+    """Every candidate above the threshold is scored before the top 500 (no cap by category
+    score), in a batch of images of different sizes and output sizes."""
     sizes = [(128, 160), (100, 130), (61, 75)]
     outputs = [(128, 160), (200, 260), (50, 61)]
-    cate, kernels, feats = _head_outputs(3, seed=7)
-    proc = _processor(score_thresh=0.2, nms_kernel=kernel, max_mask_candidates=300)
-    ours = proc(cate, kernels, feats, sizes, outputs)
-    reference = _reference_postprocess(proc, cate, kernels, feats, sizes, outputs)
-    assert sum(len(r) for r in ours) > 30
-    for r, (masks, scores, labels, boxes) in zip(ours, reference):
-        torch.testing.assert_close(r.scores, scores)
-        assert torch.equal(r.pred_classes, labels)
-        assert torch.equal(r.pred_masks, masks)
-        assert torch.equal(r.pred_boxes.tensor, boxes)
+    cate, kernels, feats = _head_outputs(3, seed=7, cate_shift=0.0)
+    proc = _processor(nms_kernel=kernel, update_thresh=0.02)
+    scores = torch.cat([point_nms(c.sigmoid()).flatten(1) for c in cate], dim=1)
+    assert (scores > 0.1).sum(dim=1).min() > 500
+    ours = _run(proc, cate, kernels, feats, sizes, outputs)
+    assert all(len(r) == 100 for r in ours)
+    _assert_equal_to_reference(ours, _reference(proc, cate, kernels, feats, sizes, outputs))
 
 
-def test_channels_last_mask_features_give_the_same_results():
-    cate, kernels, feats = _head_outputs(2, seed=2)
-    proc = _processor(score_thresh=0.2)
-    args = ([(128, 160), (97, 150)], [(128, 160), (97, 150)])
-    a = proc(cate, kernels, feats, *args)
-    b = proc(cate, kernels, feats.contiguous(memory_format=torch.channels_last), *args)
-    assert sum(len(r) for r in a) > 10
-    for x, y in zip(a, b):
-        assert torch.equal(x.scores, y.scores) and torch.equal(x.pred_masks, y.pred_masks)
+def test_the_candidate_cap_is_off_by_default_and_changes_results_when_set():
+    cate, kernels, feats = _head_outputs(1, seed=7, cate_shift=0.0)
+    sizes = [(128, 160)]
+    uncapped = _run(_processor(), cate, kernels, feats, sizes)
+    capped_proc = _processor(max_candidates=300)
+    capped = _run(capped_proc, cate, kernels, feats, sizes)
+    _assert_equal_to_reference(capped, _reference(capped_proc, cate, kernels, feats, sizes))
+    assert not torch.equal(capped[0].scores, uncapped[0].scores)
 
 
-def _random_soft_masks(num, height, width, seed):
-    """Soft masks [num, H, W] of every size: discs of radii from below a pixel to larger than
-    the map, anywhere including across the borders, with noise; plus empty and full masks."""
-    g = torch.Generator().manual_seed(seed)
-    ys = torch.arange(height, dtype=torch.float32)[:, None]
-    xs = torch.arange(width, dtype=torch.float32)[None, :]
-    cy = torch.rand(num, generator=g) * (height + 8) - 4
-    cx = torch.rand(num, generator=g) * (width + 8) - 4
-    radius = torch.exp(torch.rand(num, generator=g) * math.log(2 * max(height, width) / 0.3))
-    radius = radius * 0.3
-    dist = ((ys - cy[:, None, None]) ** 2 + (xs - cx[:, None, None]) ** 2).sqrt()
-    logits = (radius[:, None, None] - dist) / 2 + 0.3 * torch.randn(num, height, width, generator=g)
-    logits[0] = -5  # empty
-    logits[1] = 5  # everything
-    return logits.sigmoid()
+@pytest.mark.parametrize("chunk_size", [1, 7, 100000])
+def test_chunk_size_does_not_change_results(chunk_size):
+    cate, kernels, feats = _head_outputs(2, seed=4, cate_shift=-1.0)
+    sizes = [(128, 160), (90, 100)]
+    expected = _run(_processor(), cate, kernels, feats, sizes)
+    ours = _run(_processor(chunk_size=chunk_size), cate, kernels, feats, sizes)
+    assert sum(len(r) for r in ours) > 20
+    # Matrix products of other shapes may round differently (a single row is a matrix-vector
+    # product): scores agree to float rounding, masks but for pixels at the threshold.
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-6)
+        assert torch.equal(a.pred_classes, b.pred_classes)
+        assert (a.pred_masks != b.pred_masks).float().mean() < 1e-4
 
 
-@pytest.mark.parametrize(
-    "image_size,output_size",
-    [
-        ((128, 160), (128, 160)),  # no padding
-        ((97, 131), (97, 131)),  # padding: the mask map is larger than the image
-        ((61, 75), (300, 400)),  # upscaled output
-        ((128, 160), (77, 93)),  # downscaled output
-        ((100, 157), (100, 203)),  # only the width resized
-    ],
-)
-def test_paste_equals_upsampling_the_whole_padded_map(image_size, output_size):
+def test_an_image_gets_the_same_result_alone_and_in_a_padded_batch():
+    """The batch pads a smaller image's mask features; its masks, areas, sums and pasting stay
+    inside its own extent, so its detections are identical to those of the image alone."""
+    cate, kernels, feats = _head_outputs(2, seed=5, cate_shift=-1.0)
     proc = _processor()
-    soft = _random_soft_masks(60, 32, 40, seed=sum(output_size))
-    masks, boxes = proc._paste(soft, image_size, output_size)
-    expected, values = _reference_paste(soft, image_size, output_size)
-    assert masks.shape == expected.shape and masks.dtype == torch.bool
-    differ = masks != expected
-    if tuple(output_size) == tuple(image_size):
-        assert not differ.any()  # the upsampling is F.interpolate's, bit for bit
-    else:
-        # The resizing is equal up to float rounding: only pixels at the threshold may differ.
-        assert ((values[differ] - 0.5).abs() < 1e-5).all()
-    assert torch.equal(boxes, masks_to_boxes(masks))
-    assert 0 < masks.flatten(1).any(dim=1).sum() < len(masks)  # empty, partial and full masks
+    small = (88, 100)  # mask extent 22 x 25 of the 32 x 40 batch
+    feats[1, :, 22:] = 5.0  # strong activations in the batch padding
+    feats[1, :, :, 25:] = 5.0
+    batched = proc(cate, kernels, feats, [(32, 40), (22, 25)], [(128, 160), small], [(128, 160), small])
+    alone = proc(
+        [c[1:] for c in cate], [k[1:] for k in kernels], feats[1:, :, :22, :25].contiguous(),
+        [(22, 25)], [small], [small],
+    )[0]
+    assert len(alone) > 10
+    assert torch.equal(batched[1].scores, alone.scores)
+    assert torch.equal(batched[1].pred_masks, alone.pred_masks)
+    assert torch.equal(batched[1].pred_classes, alone.pred_classes)
 
 
-def test_masks_are_computed_only_for_the_top_candidates(monkeypatch):
-    seen = []
-    real = pp.candidate_masks
-
-    def spy(features, kernels, *args):
-        seen.append(kernels.shape)
-        return real(features, kernels, *args)
-
-    monkeypatch.setattr(pp, "candidate_masks", spy)
-    cate, kernels, feats = _head_outputs(2)
-    cate = [torch.full_like(c, 5.0) for c in cate]  # every (cell, class) above threshold
-    _processor(max_mask_candidates=37)(cate, kernels, feats, [(128, 160)] * 2, [(128, 160)] * 2)
-    assert seen == [torch.Size([2, 37, 16])]
-    # Only candidates above the threshold: none computes no mask at all.
-    cate = [torch.full_like(c, -5.0) for c in cate]
-    cate[2][1, 3, 5, 7] = 5.0
-    _processor()(cate, kernels, feats, [(128, 160)] * 2, [(128, 160)] * 2)
-    assert seen[1] == torch.Size([2, 1, 16])
-    cate[2][1, 3, 5, 7] = -5.0
-    results = _processor()(cate, kernels, feats, [(128, 160)] * 2, [(128, 160)] * 2)
-    assert len(seen) == 2 and [len(r) for r in results] == [0, 0]
+def _counts(results):
+    return [len(r) for r in results]
 
 
-def test_limits_and_thresholds():
-    cate, kernels, feats = _head_outputs(2, seed=3)
-    results = _processor(score_thresh=0.1, max_per_image=4)(
-        cate, kernels, feats, [(128, 160)] * 2, [(128, 160)] * 2
-    )
-    assert all(len(r) == 4 for r in results)
-    loose = _processor(score_thresh=0.1, update_thresh=0.3)(
-        cate, kernels, feats, [(128, 160)] * 2, [(128, 160)] * 2
-    )
-    assert all((r.scores >= 0.3).all() for r in loose)
-
-
-def test_empty_results_have_the_right_types():
+def test_no_candidate_gives_empty_results_of_the_right_types():
     cate, kernels, feats = _head_outputs(2)
     cate = [torch.full_like(c, -20.0) for c in cate]
-    results = _processor()(cate, kernels, feats, [(128, 160), (90, 100)], [(64, 80), (90, 100)])
+    results = _run(_processor(), cate, kernels, feats, [(128, 160), (90, 100)], [(64, 80), (90, 100)])
     for r, size in zip(results, [(64, 80), (90, 100)]):
         assert len(r) == 0 and r.image_size == size
         assert r.pred_masks.shape == (0, *size) and r.pred_masks.dtype == torch.bool
@@ -265,11 +211,129 @@ def test_empty_results_have_the_right_types():
         assert r.pred_boxes.tensor.shape == (0, 4)
 
 
-@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
-def test_small_masks_are_dropped_by_their_level_stride(kernel):
-    cate, kernels, feats = _head_outputs(1, seed=5)
-    results = _processor(score_thresh=0.1, nms_kernel=kernel)(
-        cate, kernels, feats, [(128, 160)], [(128, 160)]
+def test_one_candidate():
+    cate, kernels, feats = _head_outputs(2)
+    cate = [torch.full_like(c, -20.0) for c in cate]
+    cate[2][1, 3, 5, 7] = 5.0
+    proc = _processor()
+    results = _run(proc, cate, kernels, feats, [(128, 160)] * 2)
+    assert _counts(results) == [0, 1] and results[1].pred_classes.tolist() == [3]
+    _assert_equal_to_reference(results, _reference(proc, cate, kernels, feats, [(128, 160)] * 2))
+
+
+def test_every_cell_of_every_class():
+    """All 3872 cells x 5 classes pass the threshold and point NMS (equal scores)."""
+    cate, kernels, feats = _head_outputs(1, mask_size=(16, 20), seed=2)
+    cate = [torch.full_like(c, 3.0) for c in cate]
+    proc = _processor(chunk_size=1000)
+    results = _run(proc, cate, kernels, feats, [(64, 80)])
+    assert len(results[0]) > 0
+    _assert_equal_to_reference(results, _reference(proc, cate, kernels, feats, [(64, 80)]))
+
+
+def test_candidates_that_all_fail_the_stride_filter():
+    cate, kernels, feats = _head_outputs(1, seed=3, cate_shift=0.0)
+    proc = _processor(strides=[10**6] * 5)  # no mask is larger than its level's stride
+    assert _counts(_run(proc, cate, kernels, feats, [(128, 160)])) == [0]
+
+
+def test_all_suppressed_and_update_threshold_above_every_score():
+    cate, kernels, feats = _head_outputs(1, seed=3, cate_shift=-2.0)
+    # Identical masks of one class: with the linear kernel all but the best decay to 0.
+    kernels = [torch.zeros_like(k) for k in kernels]
+    for k in kernels:
+        k[:, 0] = 1.0
+    cate = [torch.where(torch.arange(5)[None, :, None, None] == 2, c, -20.0) for c in cate]
+    proc = _processor(nms_kernel="linear", update_thresh=0.05)
+    results = _run(proc, cate, kernels, feats, [(128, 160)])
+    assert _counts(results) == [1]
+    _assert_equal_to_reference(results, _reference(proc, cate, kernels, feats, [(128, 160)]))
+    assert _counts(_run(_processor(update_thresh=1.01), cate, kernels, feats, [(128, 160)])) == [0]
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 0.01), (torch.bfloat16, 0.05)])
+def test_half_precision_head_outputs(dtype, tolerance):
+    """Half-precision head outputs (autocast) give the float32 results of the same rounded
+    values exactly, and the float32 results within the rounding of the inputs."""
+    cate, kernels, feats = _head_outputs(2, seed=6, cate_shift=-1.0)
+    sizes = [(128, 160), (100, 130)]
+    proc = _processor()
+    half = [[x.to(dtype) for x in cate], [x.to(dtype) for x in kernels], feats.to(dtype)]
+    ours = _run(proc, *half, sizes)
+    rounded = _run(proc, [x.float() for x in half[0]], [x.float() for x in half[1]],
+                   half[2].float(), sizes)
+    full = _run(proc, cate, kernels, feats, sizes)
+    for a, b, c in zip(ours, rounded, full):
+        assert a.scores.dtype == torch.float32
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_masks, b.pred_masks)
+        top = min(len(a), len(c), 10)
+        torch.testing.assert_close(a.scores[:top], c.scores[:top], rtol=0, atol=tolerance)
+
+
+def test_areas_above_half_precision_range():
+    """A mask of 90,000 pixels (float16 stops at 65,504) keeps its exact area and maskness."""
+    cate, kernels, feats = _head_outputs(1, mask_size=(300, 300), seed=1)
+    cate = [torch.full_like(c, -20.0) for c in cate]
+    cate[4][0, 1, 6, 6] = 2.0
+    kernels = [torch.zeros_like(k) for k in kernels]
+    kernels[4][0, 0, 6, 6] = 1.0
+    feats = torch.full_like(feats, 3.0)  # every pixel at logit 3
+    proc = _processor()
+    found = proc.detect(
+        [c.half() for c in cate], [k.half() for k in kernels], feats.half(), [(300, 300)]
     )
-    # Output masks are 4x upsampled: a kept mask had more than 8 pixels at stride 4.
-    assert all(m.sum() > 8 * 16 * 0.5 for m in results[0].pred_masks)
+    expected = torch.sigmoid(torch.tensor(2.0)) * torch.sigmoid(torch.tensor(3.0))
+    assert found.valid.tolist() == [[True]]
+    torch.testing.assert_close(found.scores[0, 0], expected)
+    assert (found.soft_masks[0, 0] > 0.5).sum() == 90_000
+
+
+def test_paste_in_chunks_equals_paste_at_once(monkeypatch):
+    cate, kernels, feats = _head_outputs(1, seed=8, cate_shift=-1.0)
+    sizes, outputs = [(128, 160)], [(300, 410)]
+    expected = _run(_processor(), cate, kernels, feats, sizes, outputs)[0]
+    monkeypatch.setattr(pp, "_PASTE_CHUNK_BYTES", 4 * 300 * 410)  # one mask at a time
+    ours = _run(_processor(), cate, kernels, feats, sizes, outputs)[0]
+    assert len(ours) > 5
+    assert torch.equal(ours.pred_masks, expected.pred_masks)
+    assert torch.equal(ours.pred_boxes.tensor, expected.pred_boxes.tensor)
+
+
+def test_limits_and_thresholds():
+    cate, kernels, feats = _head_outputs(2, seed=3)
+    sizes = [(128, 160)] * 2
+    assert _counts(_run(_processor(max_per_image=4), cate, kernels, feats, sizes)) == [4, 4]
+    loose = _run(_processor(update_thresh=0.3), cate, kernels, feats, sizes)
+    assert all((r.scores >= 0.3).all() for r in loose)
+    assert all((r.scores[:-1] >= r.scores[1:]).all() for r in loose)
+
+
+def test_channels_last_mask_features_give_the_same_results():
+    cate, kernels, feats = _head_outputs(2, seed=2)
+    proc = _processor(score_thresh=0.2)
+    sizes = [(128, 160), (97, 150)]
+    a = _run(proc, cate, kernels, feats, sizes)
+    b = _run(proc, cate, kernels, feats.contiguous(memory_format=torch.channels_last), sizes)
+    assert sum(len(r) for r in a) > 10
+    for x, y in zip(a, b):
+        assert torch.equal(x.scores, y.scores) and torch.equal(x.pred_masks, y.pred_masks)
+
+
+def test_masks_are_computed_only_for_candidates_above_the_threshold(monkeypatch):
+    seen = []
+    real = pp.dynamic_mask_logits
+
+    def spy(features, kernels):
+        seen.append(kernels.shape[1])
+        return real(features, kernels)
+
+    monkeypatch.setattr(pp, "dynamic_mask_logits", spy)
+    cate, kernels, feats = _head_outputs(2)
+    cate = [torch.full_like(c, -5.0) for c in cate]
+    cate[2][1, 3, 5, 7] = 5.0
+    _run(_processor(), cate, kernels, feats, [(128, 160)] * 2)
+    assert seen == [1, 1, 1]  # statistics, NMS masks, output masks
+    seen.clear()
+    cate[2][1, 3, 5, 7] = -5.0
+    assert _counts(_run(_processor(), cate, kernels, feats, [(128, 160)] * 2)) == [0, 0]
+    assert seen == []
