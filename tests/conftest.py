@@ -7,10 +7,23 @@ import pytest
 import solov2_d2  # isort: split
 
 from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+
+from solov2_d2.data.datasets import register_coco_mini
 
 REPO = Path(__file__).resolve().parents[1]
 # The shared data and reference files beside the repository (CI has them there too).
 SHARED = REPO.parent / "shared"
+
+
+def register_shared_coco_mini():
+    """Register coco_mini from the shared data unless the datasets root had it: it may not be
+    redistributed, so it is not in the repository's datasets/."""
+    if "coco_mini_val" not in DatasetCatalog.list() and (SHARED / "data" / "coco_mini").is_dir():
+        register_coco_mini(str(SHARED / "data"))
+
+
+register_shared_coco_mini()
 
 
 def small_solov2_cfg(num_classes: int = 3, depth: int = 18):
