@@ -11,6 +11,9 @@ from detectron2.data import DatasetCatalog
 
 from solov2_d2.data.datasets import register_coco_mini
 
+# The converter tests' fixtures.
+pytest_plugins = ["convert_fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 # The shared data and reference files beside the repository (CI has them there too).
 SHARED = REPO.parent / "shared"
