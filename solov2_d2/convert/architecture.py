@@ -169,13 +169,9 @@ def detect_resnet(tensors: Mapping[str, torch.Tensor]) -> ResNetSpec:
         ]
         deform.append(bool(offsets))
         deform_groups.update(_deform_groups(w) for w in offsets)
+    deform_num_groups = max(deform_groups, default=1)
     return ResNetSpec(
-        depth=depth,
-        num_groups=num_groups,
-        width_per_group=width_per_group,
-        res2_out_channels=res2_out,
-        deform_on_per_stage=tuple(deform),
-        deform_num_groups=max(deform_groups, default=1),
+        depth, num_groups, width_per_group, res2_out, tuple(deform), deform_num_groups
     )
 
 
@@ -235,12 +231,6 @@ def detect_heads(tensors: Mapping[str, torch.Tensor]) -> Tuple[HeadSpec, int]:
         k.startswith("mask_head.") and ".conv_offset." in k for k in tensors
     )
     heads = HeadSpec(
-        instance_channels=channels,
-        num_instance_convs=num_convs,
-        mask_channels=mask_channels,
-        mask_dim=mask_dim,
-        dynamic_kernel_size=kernel_size,
-        dcn_in_tower=dcn_in_tower,
-        dcn_in_mask_branch=dcn_in_mask_branch,
+        channels, num_convs, mask_channels, mask_dim, kernel_size, dcn_in_tower, dcn_in_mask_branch
     )
     return heads, num_classes

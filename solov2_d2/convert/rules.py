@@ -142,50 +142,36 @@ def _conv_module(src: str, dst: str) -> List[Rule]:
 
 
 def _head_rules(
-    tower: str,
-    cate: str,
-    kernel: str,
-    cate_pred: str,
-    kernel_pred: str,
-    mask_branch: str,
-    mask_pred: str,
+    tower: str, cate: str, cate_pred: str, kernel_pred: str, mask_branch: str, mask_pred: str
 ) -> List[Rule]:
-    """The rules of one naming scheme, from the module paths (regexes) of its parts."""
+    """The rules of one naming scheme, from the module paths of its parts: the towers' module
+    `tower` with ``{cate}_convs`` and ``kernel_convs``, the predictors `cate_pred` and
+    `kernel_pred` in `tower`, the mask branch `mask_branch` with its predictor `mask_pred`."""
+    tower, mask_branch = re.escape(tower), re.escape(mask_branch)
+    cate_pred, kernel_pred, mask_pred = map(re.escape, (cate_pred, kernel_pred, mask_pred))
     return [
         *_conv_module(rf"{tower}\.{cate}_convs\.(\d+)", "ins_head.cate_tower.{1}"),
-        *_conv_module(rf"{tower}\.{kernel}_convs\.(\d+)", "ins_head.kernel_tower.{1}"),
-        Rule(rf"{cate_pred}\.(weight|bias)", "ins_head.cate_pred.{1}"),
-        Rule(rf"{kernel_pred}\.(weight|bias)", "ins_head.kernel_pred.{1}"),
+        *_conv_module(rf"{tower}\.kernel_convs\.(\d+)", "ins_head.kernel_tower.{1}"),
+        Rule(rf"{tower}\.{cate_pred}\.(weight|bias)", "ins_head.cate_pred.{1}"),
+        Rule(rf"{tower}\.{kernel_pred}\.(weight|bias)", "ins_head.kernel_pred.{1}"),
         *_conv_module(
             rf"{mask_branch}\.convs_all_levels\.(\d+)\.conv(\d+)", "mask_head.level_convs.{1}.{2}"
         ),
-        *_conv_module(mask_pred, "mask_head.conv_pred"),
+        *_conv_module(rf"{mask_branch}\.{mask_pred}", "mask_head.conv_pred"),
     ]
 
 
 def solo_head_rules() -> List[Rule]:
     """The authors' SOLO (mmdetection v1): ``bbox_head`` and ``mask_feat_head``."""
     return _head_rules(
-        tower=r"bbox_head",
-        cate="cate",
-        kernel="kernel",
-        cate_pred=r"bbox_head\.solo_cate",
-        kernel_pred=r"bbox_head\.solo_kernel",
-        mask_branch=r"mask_feat_head",
-        mask_pred=r"mask_feat_head\.conv_pred\.0",
+        "bbox_head", "cate", "solo_cate", "solo_kernel", "mask_feat_head", "conv_pred.0"
     )
 
 
 def mmdet_head_rules() -> List[Rule]:
     """mmdetection 2.x and 3.x (``SOLOV2Head``): everything under ``mask_head``."""
     return _head_rules(
-        tower=r"mask_head",
-        cate="cls",
-        kernel="kernel",
-        cate_pred=r"mask_head\.conv_cls",
-        kernel_pred=r"mask_head\.conv_kernel",
-        mask_branch=r"mask_head\.mask_feature_head",
-        mask_pred=r"mask_head\.mask_feature_head\.conv_pred",
+        "mask_head", "cls", "conv_cls", "conv_kernel", "mask_head.mask_feature_head", "conv_pred"
     )
 
 
