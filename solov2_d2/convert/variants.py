@@ -1,8 +1,9 @@
 """The published SOLOv2 variants, read from the repository's config files, and matching them.
 
-A variant is a config of the model zoo, ``configs/SOLOv2_*.yaml`` or ``configs/LVIS/*.yaml``,
-named by its path under ``configs/`` without ``.yaml``; what its checkpoints must look like is
-what the config builds. (``configs/fruit/`` trains from scratch: no published checkpoint.)
+A variant is a config of the model zoo, ``configs/SOLOv2_*.yaml`` or
+``configs/LVIS/SOLOv2_*.yaml``, named by its path under ``configs/`` without ``.yaml``; what its
+checkpoints must look like is what the config builds. (``configs/fruit/`` trains from scratch:
+no published checkpoint.)
 """
 import functools
 from dataclasses import dataclass
