@@ -24,7 +24,6 @@ def add_solov2_config(cfg):
     _C.SCALE_RANGES = [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]]
     # Positive region: half-extents 0.5 * SIGMA * (w, h) around the mask's centre of mass.
     _C.SIGMA = 0.2
-    _C.INSTANCE_IN_CHANNELS = 256
     _C.INSTANCE_CHANNELS = 512
     _C.NUM_INSTANCE_CONVS = 4
     # Side of the dynamic kernel predicted per cell; each has MASK_DIM * k * k weights.

@@ -7,10 +7,48 @@ import pytest
 import solov2_d2  # isort: split
 
 from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+
+from solov2_d2.data.datasets import register_coco_mini
+
+# The converter tests' fixtures.
+pytest_plugins = ["convert_fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
 # The shared data and reference files beside the repository (CI has them there too).
 SHARED = REPO.parent / "shared"
+
+
+def register_shared_coco_mini():
+    """Register coco_mini from the shared data unless the datasets root had it: it may not be
+    redistributed, so it is not in the repository's datasets/."""
+    if "coco_mini_val" not in DatasetCatalog.list() and (SHARED / "data" / "coco_mini").is_dir():
+        register_coco_mini(str(SHARED / "data"))
+
+
+register_shared_coco_mini()
+
+FRUIT_CONFIG = str(REPO / "configs" / "fruit" / "SOLOv2_R18_fruit.yaml")
+# The fruit config at a size that trains in seconds: short side 128, narrow heads, every cell
+# kept at inference so that an untrained model has predictions to evaluate.
+TINY = [
+    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "192",
+    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192",
+    "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.SOLOV2.INSTANCE_CHANNELS", "64",
+    "MODEL.SOLOV2.MASK_CHANNELS", "32", "MODEL.SOLOV2.MASK_DIM", "32",
+    "MODEL.SOLOV2.SCORE_THRESH_TEST", "0.0", "MODEL.SOLOV2.UPDATE_THRESH_TEST", "0.0",
+    "MODEL.SOLOV2.MAX_PER_IMAGE_TEST", "10",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
+    "DATALOADER.NUM_WORKERS", "0", "SEED", "0",
+]  # fmt: skip
+
+
+def tiny_fruit_argv(output_dir, *opts, eval_only=False, resume=False):
+    """train_net.py's arguments: the tiny fruit config writing to `output_dir`, then `opts`."""
+    argv = ["--config-file", FRUIT_CONFIG]
+    argv += ["--eval-only"] if eval_only else []
+    argv += ["--resume"] if resume else []
+    return argv + TINY + ["OUTPUT_DIR", str(output_dir), *opts]
 
 
 def small_solov2_cfg(num_classes: int = 3, depth: int = 18):

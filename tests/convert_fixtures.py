@@ -1,19 +1,19 @@
-"""Helpers shared by the converter tests (tests/test_convert_*.py)."""
+"""Helpers and fixtures shared by the converter tests (tests/test_convert_*.py); conftest.py loads
+it as a pytest plugin, so its fixtures need no import."""
 import re
-import shutil
-from pathlib import Path
 
+import pytest
 import torch
-from conftest import REPO, SHARED
+from conftest import SHARED
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from solov2_d2 import add_solov2_config
-from solov2_d2.convert import VARIANTS
 
 CHECKPOINT_KEYS = SHARED / "reference" / "checkpoint_keys"
+LIGHT_R18 = "mmdet3_solov2-light_r18_fpn_ms-3x_coco.txt"
 
 
 def key_list(filename):
@@ -41,20 +41,6 @@ def synthetic(shapes, seed=0, device="cpu"):
         else:
             out[name] = torch.randn(shape, generator=gen)
     return out
-
-
-def stub_configs_dir(root):
-    """A configs folder with the repository's Base-SOLOv2.yaml and, for every variant, a config
-    that only inherits from it (the real ones may not exist yet)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "configs" / "Base-SOLOv2.yaml", root / "Base-SOLOv2.yaml")
-    for variant in VARIANTS:
-        path = root / variant.config_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        base = "../Base-SOLOv2.yaml" if "/" in variant.name else "Base-SOLOv2.yaml"
-        path.write_text(f'_BASE_: "{base}"\n')
-    return root
 
 
 def cfg_from_yaml(path):
@@ -92,3 +78,27 @@ def value_signature(tensors):
         for t in tensors.values()
         if t.is_floating_point()
     )
+
+
+@pytest.fixture
+def light_r18_shapes():
+    """The mmdetection light R18 checkpoint as meta tensors: shapes only, enough to convert."""
+    return synthetic(key_list(LIGHT_R18), device="meta")
+
+
+class TrainingState:
+    """Stands for objects of classes a converter cannot (and must not) import, such as
+    mmengine's log buffers in an mmdetection 3.x checkpoint."""
+
+    def __init__(self):
+        self.history = [1.0, 2.0]
+
+
+@pytest.fixture(scope="module")
+def light_r18_file(tmp_path_factory):
+    """A synthetic mmdetection light R18 checkpoint file whose metadata holds an object of a
+    class outside torch (which torch's safe loader refuses), and its state dict."""
+    path = tmp_path_factory.mktemp("src") / "solov2_light_r18.pth"
+    source_sd = synthetic(key_list(LIGHT_R18))
+    torch.save({"meta": {"message_hub": TrainingState()}, "state_dict": source_sd}, path)
+    return path, source_sd

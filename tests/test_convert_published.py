@@ -4,7 +4,7 @@ Each reference key list (../shared/reference/checkpoint_keys) becomes a syntheti
 random values; it is converted, loaded strictly into the model of the variant, and chosen tensors
 are checked to land where they must. The smaller ones go through files, as users run it: saved
 in their family's container, converted by `convert_checkpoint`, the written config built (on
-stub base configs) and the weights loaded by detectron2's DetectionCheckpointer. The larger ones
+the variants' configs) and the weights loaded by detectron2's DetectionCheckpointer. The larger ones
 are converted in memory, to keep the suite fast.
 """
 import pytest
@@ -17,12 +17,11 @@ from convert_fixtures import (  # isort: split
     empty_model,
     key_list,
     load_strictly,
-    stub_configs_dir,
     synthetic,
     value_signature,
 )
 
-from solov2_d2.convert import convert_checkpoint, convert_state_dict
+from solov2_d2.convert import CONFIGS_DIR, convert_checkpoint, convert_state_dict
 from solov2_d2.convert.overrides import model_cfg
 from solov2_d2.deform_conv import ModulatedDeformConv2d
 
@@ -164,24 +163,19 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def configs_dir(tmp_path_factory):
-    return stub_configs_dir(tmp_path_factory.mktemp("configs"))
-
-
 def _lookup(config, dotted):
     for part in dotted.split("."):
         config = config[part]
     return config
 
 
-def convert_and_load(source_sd, container, tmp_path, configs_dir, **kwargs):
+def convert_and_load(source_sd, container, tmp_path, **kwargs):
     """Save `source_sd` in `container`, convert the file, build the model of the written
     config and load the result with DetectionCheckpointer. Returns (result, the model's state
     dict, the written config as a dict)."""
     src, dst = tmp_path / "source.pth", tmp_path / "converted.pth"
     torch.save({container: source_sd, "meta": {"epoch": 36}}, src)
-    result = convert_checkpoint(str(src), str(dst), configs_dir=str(configs_dir), **kwargs)
+    result = convert_checkpoint(str(src), str(dst), **kwargs)
     assert result.config_path == str(tmp_path / "converted.yaml")
     cfg = cfg_from_yaml(result.config_path)
     assert cfg.MODEL.WEIGHTS == str(dst)
@@ -201,7 +195,7 @@ def convert_in_memory(source_sd, **kwargs):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_published_checkpoint_converts_and_loads_strictly(case, tmp_path, configs_dir):
+def test_published_checkpoint_converts_and_loads_strictly(case, tmp_path):
     key_file, config, variant, pairs, expected = CASES[case]
     adelaidet = key_file.startswith("adelaidet")
     source_sd = synthetic(key_list(key_file))
@@ -210,9 +204,9 @@ def test_published_checkpoint_converts_and_loads_strictly(case, tmp_path, config
     if case in FILE_CASES:
         container = "model" if adelaidet else "state_dict"
         result, loaded, written = convert_and_load(
-            source_sd, container, tmp_path, configs_dir, source=source, config=config
+            source_sd, container, tmp_path, source=source, config=config
         )
-        assert written["_BASE_"] == str(configs_dir / f"{variant}.yaml")
+        assert written["_BASE_"] == str(CONFIGS_DIR / f"{variant}.yaml")
     else:
         result, loaded, written = convert_in_memory(source_sd, source=source, config=config)
     assert result.variant.name == variant

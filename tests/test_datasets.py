@@ -1,98 +1,119 @@
-"""Tests of the registration of the project's datasets."""
+"""Tests of the registration of the project's datasets (solov2_d2/data/datasets.py)."""
+import solov2_d2  # noqa: F401  # isort: split
+
+import collections
 import os
 
 import pytest
+from conftest import REPO, SHARED, register_shared_coco_mini
 
-import solov2_d2  # noqa: F401  (before detectron2: installs the compatibility bridge)
-
-# isort: split
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from solov2_d2.data import register_builtin_datasets
 from solov2_d2.data.datasets import DATASETS_ENV_VAR, FRUIT_CLASSES, get_datasets_root
 
-NAMES = ["fruit_train", "fruit_val", "coco_mini_train", "coco_mini_val"]
-DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
-requires_data = pytest.mark.skipif(
-    not os.path.isdir(get_datasets_root()), reason=f"no datasets at {get_datasets_root()}"
+FRUIT = ["fruit_train", "fruit_val"]
+COCO_MINI = ["coco_mini_train", "coco_mini_val"]
+SHARED_DATA = SHARED / "data"
+requires_coco_mini = pytest.mark.skipif(
+    not (SHARED_DATA / "coco_mini").is_dir(), reason=f"no coco_mini in {SHARED_DATA}"
 )
 # Taken before any test registers them again.
-REGISTERED_ON_IMPORT = sorted(set(NAMES) & set(DatasetCatalog.list()))
+REGISTERED_ON_IMPORT = set(DatasetCatalog.list())
 
 
-def test_registered_on_import():
-    # `import solov2_d2` registers them (reading no data).
-    assert REGISTERED_ON_IMPORT == sorted(NAMES)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def builtin():
-    register_builtin_datasets()  # again: registering twice must not raise
-    yield
-
-
-def test_default_root():
-    if DATASETS_ENV_VAR not in os.environ:
-        assert get_datasets_root() == DATA
-    assert MetadataCatalog.get("fruit_val").image_root == os.path.join(get_datasets_root(), "fruit")
-
-
-def test_metadata():
-    for name in NAMES:
-        assert MetadataCatalog.get(name).evaluator_type == "coco"
-    assert MetadataCatalog.get("fruit_train").thing_classes == FRUIT_CLASSES
-    assert FRUIT_CLASSES == ["date", "fig", "hazelnut"]
-    coco = MetadataCatalog.get("coco_mini_val")
-    assert coco.json_file == os.path.join(
-        get_datasets_root(), "coco_mini", "annotations", "instances_val2017.json"
-    )
-    assert len(coco.thing_classes) == 80
-
-
-@requires_data
-def test_fruit_split():
-    def stems(name):
-        return [os.path.basename(d["file_name"]) for d in DatasetCatalog.get(name)]
-
-    assert stems("fruit_train") == [f"{i}.jpg" for i in range(14)]
-    assert stems("fruit_val") == [f"{i}.jpg" for i in range(14, 18)]
-
-
-@requires_data
-def test_coco_mini_val():
-    dicts = DatasetCatalog.get("coco_mini_val")
-    assert len(dicts) == 79
-    assert sum(len(d["annotations"]) for d in dicts) == 624
-    assert os.path.isfile(MetadataCatalog.get("coco_mini_val").json_file)
+def _unregister():
+    for name in FRUIT + COCO_MINI:
+        DatasetCatalog.pop(name, None)
+        MetadataCatalog.pop(name, None)
 
 
 @pytest.fixture
-def restore_builtin(monkeypatch):
-    """Let a test re-register the builtin datasets; register them back as they were after it."""
+def fresh_registration(monkeypatch):
+    """Let a test register the datasets from nothing, without SOLOV2_DATASETS; register them back
+    as the tests use them (the default root, coco_mini from the shared data) after it."""
     with monkeypatch.context() as patch:
+        patch.delenv(DATASETS_ENV_VAR, raising=False)
+        _unregister()
         yield patch
+    _unregister()
     register_builtin_datasets()
+    register_shared_coco_mini()
 
 
-@requires_data
-def test_env_var_moves_root(restore_builtin, tmp_path):
-    os.symlink(os.path.join(DATA, "fruit"), tmp_path / "fruit")  # and no coco_mini
-    restore_builtin.setenv(DATASETS_ENV_VAR, str(tmp_path))
+def _file_names(name):
+    return [d["file_name"] for d in DatasetCatalog.get(name)]
+
+
+def test_fruit_is_registered_on_import():
+    assert set(FRUIT) <= REGISTERED_ON_IMPORT
+
+
+def test_default_root_is_the_repositorys_datasets_folder(fresh_registration):
+    assert get_datasets_root() == str(REPO / "datasets")
+    register_builtin_datasets()
+    register_builtin_datasets()  # again: registering twice must not raise
+    fruit = REPO / "datasets" / "fruit"
+    assert MetadataCatalog.get("fruit_val").image_root == str(fruit)
+    assert _file_names("fruit_val") == [str(fruit / f"{i}.jpg") for i in range(14, 18)]
+    # coco_mini may not ship with the repository: no folder, no registration.
+    assert not (REPO / "datasets" / "coco_mini").exists()
+    assert not set(COCO_MINI) & set(DatasetCatalog.list())
+
+
+def test_fruit_ships_with_the_repository_and_loads():
+    # Its licence and source travel with the photos.
+    fruit = REPO / "datasets" / "fruit"
+    assert "MIT" in (fruit / "LICENSE").read_text()
+    assert "Tony607/labelme2coco" in (fruit / "README.md").read_text()
+    assert len(list(fruit.glob("*.jpg"))) == 18
+
+    assert MetadataCatalog.get("fruit_train").thing_classes == ["date", "fig", "hazelnut"]
+    assert MetadataCatalog.get("fruit_val").evaluator_type == "coco"
+    train, val = DatasetCatalog.get("fruit_train"), DatasetCatalog.get("fruit_val")
+    assert [os.path.basename(d["file_name"]) for d in train] == [f"{i}.jpg" for i in range(14)]
+    assert [os.path.basename(d["file_name"]) for d in val] == [f"{i}.jpg" for i in range(14, 18)]
+    counts = collections.Counter(
+        FRUIT_CLASSES[a["category_id"]] for d in train + val for a in d["annotations"]
+    )
+    assert counts == {"date": 71, "hazelnut": 53, "fig": 41}
+    assert sum(len(d["annotations"]) for d in val) == 31
+
+
+def test_env_var_moves_the_root(fresh_registration, tmp_path):
+    os.symlink(REPO / "datasets" / "fruit", tmp_path / "fruit")
+    fresh_registration.setenv(DATASETS_ENV_VAR, str(tmp_path))
+    assert get_datasets_root() == str(tmp_path)
     register_builtin_datasets()
     assert MetadataCatalog.get("fruit_val").image_root == str(tmp_path / "fruit")
-    files = [d["file_name"] for d in DatasetCatalog.get("fruit_val")]
-    assert files == [str(tmp_path / "fruit" / f"{i}.jpg") for i in range(14, 18)]
-    json_file = str(tmp_path / "coco_mini" / "annotations" / "instances_val2017.json")
-    assert MetadataCatalog.get("coco_mini_val").json_file == json_file
+    assert _file_names("fruit_val") == [str(tmp_path / "fruit" / f"{i}.jpg") for i in range(14, 18)]
+    assert not set(COCO_MINI) & set(DatasetCatalog.list())
+
+
+def test_root_argument_comes_before_the_env_var(fresh_registration, tmp_path):
+    fresh_registration.setenv(DATASETS_ENV_VAR, str(tmp_path / "elsewhere"))
+    assert get_datasets_root(str(tmp_path)) == str(tmp_path)
+    assert get_datasets_root("~") == os.path.expanduser("~")
+
+
+@requires_coco_mini
+def test_coco_mini_registers_when_the_root_has_it(fresh_registration, tmp_path):
+    os.symlink(SHARED_DATA / "coco_mini", tmp_path / "coco_mini")
+    register_builtin_datasets(str(tmp_path))
+    coco = MetadataCatalog.get("coco_mini_val")
+    assert coco.json_file == str(tmp_path / "coco_mini" / "annotations" / "instances_val2017.json")
+    assert coco.evaluator_type == "coco" and len(coco.thing_classes) == 80
+    dicts = DatasetCatalog.get("coco_mini_val")
+    assert len(dicts) == 79
+    assert sum(len(d["annotations"]) for d in dicts) == 624
+    # A root without fruit still registers it, and says where the photos go when it is used.
     with pytest.raises(FileNotFoundError) as e:
-        DatasetCatalog.get("coco_mini_val")
-    assert json_file in str(e.value) and DATASETS_ENV_VAR in str(e.value)
+        DatasetCatalog.get("fruit_train")
+    assert str(tmp_path / "fruit") in str(e.value) and DATASETS_ENV_VAR in str(e.value)
 
 
-def test_missing_root_fails_on_use(restore_builtin, tmp_path):
-    root = tmp_path / "nowhere"
-    register_builtin_datasets(str(root))  # must not fail
-    for name, path in [("fruit_train", root / "fruit"), ("coco_mini_train", root / "coco_mini")]:
-        with pytest.raises(FileNotFoundError) as e:
-            DatasetCatalog.get(name)
-        assert str(path) in str(e.value) and DATASETS_ENV_VAR in str(e.value)
+@requires_coco_mini
+def test_tests_find_coco_mini_in_the_shared_data():
+    json_file = SHARED_DATA / "coco_mini" / "annotations" / "instances_val2017.json"
+    if os.environ.get(DATASETS_ENV_VAR) is None:
+        assert MetadataCatalog.get("coco_mini_val").json_file == str(json_file)

@@ -6,8 +6,7 @@ import solov2_d2  # noqa: F401  # isort: split
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO
-from test_train_net import FRUIT_CONFIG, TINY
+from conftest import FRUIT_CONFIG, REPO, TINY
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg

@@ -5,7 +5,7 @@ import solov2_d2  # noqa: F401  # isort: split
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, tiny_fruit_argv
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.utils import comm
@@ -13,8 +13,6 @@ from detectron2.utils import comm
 from solov2_d2.distributed import launch
 
 sys.path.insert(0, str(REPO))
-import test_train_net  # noqa: E402
-
 import train_net  # noqa: E402
 
 
@@ -45,7 +43,7 @@ def _train_and_report(args, report_file):
 
 def test_two_cpu_processes_train_in_step_and_gather_evaluation(tmp_path):
     out = tmp_path / "out"
-    args = test_train_net._args(out, "SOLVER.MAX_ITER", "2")
+    args = train_net.argument_parser().parse_args(tiny_fruit_argv(out, "SOLVER.MAX_ITER", "2"))
     report_file = tmp_path / "reports.pth"
     launch(
         _train_and_report,

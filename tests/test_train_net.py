@@ -8,33 +8,14 @@ import solov2_d2  # noqa: F401  # isort: split
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import FRUIT_CONFIG, REPO, tiny_fruit_argv
 
 sys.path.insert(0, str(REPO))
 import train_net  # noqa: E402
 
-FRUIT_CONFIG = str(REPO / "configs" / "fruit" / "SOLOv2_R18_fruit.yaml")
 
-# The fruit config at a size that trains in seconds: short side 128, narrow heads, every cell
-# kept at inference so that an untrained model has predictions to evaluate.
-TINY = [
-    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "192",
-    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192",
-    "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.SOLOV2.INSTANCE_CHANNELS", "64",
-    "MODEL.SOLOV2.MASK_CHANNELS", "32", "MODEL.SOLOV2.MASK_DIM", "32",
-    "MODEL.SOLOV2.SCORE_THRESH_TEST", "0.0", "MODEL.SOLOV2.UPDATE_THRESH_TEST", "0.0",
-    "MODEL.SOLOV2.MAX_PER_IMAGE_TEST", "10",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
-    "DATALOADER.NUM_WORKERS", "0", "SEED", "0",
-]  # fmt: skip
-
-
-def _args(output_dir, *opts, eval_only=False, resume=False):
-    argv = ["--config-file", FRUIT_CONFIG]
-    argv += ["--eval-only"] if eval_only else []
-    argv += ["--resume"] if resume else []
-    argv += TINY + ["OUTPUT_DIR", str(output_dir), *opts]
-    return train_net.argument_parser().parse_args(argv)
+def _args(output_dir, *opts, **flags):
+    return train_net.argument_parser().parse_args(tiny_fruit_argv(output_dir, *opts, **flags))
 
 
 def _metrics(output_dir):

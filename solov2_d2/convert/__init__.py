@@ -9,33 +9,28 @@ torchvision ImageNet ResNet/ResNeXt, and writes a Detectron2 checkpoint that
 Modules:
 
 * :mod:`.sources`: the checkpoint families, their naming tables and input conventions;
-  :mod:`.backbone`, :mod:`.mmdet_heads`, :mod:`.adelaidet_heads`: the name rules.
+  :mod:`.rules`: the name rules.
 * :mod:`.mapping`: renaming (every tensor mapped or dropped on purpose) and fitting to the target
   model (every name and shape checked).
-* :mod:`.variants`, :mod:`.detect`: the published variants and reading the architecture off the
-  tensors.
+* :mod:`.architecture`: the config keys the tensors fix, read off the tensors.
+* :mod:`.variants`: the published variants, read from the repository's ``configs/``, and
+  matching a checkpoint to them.
 * :mod:`.overrides`: the config keys the weights need, the target model, the yaml written.
 * :mod:`.checkpoint_io`: reading foreign files (no downloads, no code from the file) and writing
   Detectron2 checkpoints.
 """
-from .converter import (
-    DEFAULT_CONFIGS_DIR,
-    ConversionResult,
-    convert_checkpoint,
-    convert_state_dict,
-    summary,
-)
+from .converter import ConversionResult, convert_checkpoint, convert_state_dict, summary
 from .mapping import ConversionError
 from .sources import SOURCES
-from .variants import VARIANTS
+from .variants import CONFIGS_DIR, published_variants
 
 __all__ = [
-    "DEFAULT_CONFIGS_DIR",
+    "CONFIGS_DIR",
     "SOURCES",
-    "VARIANTS",
     "ConversionError",
     "ConversionResult",
     "convert_checkpoint",
     "convert_state_dict",
     "summary",
+    "published_variants",
 ]

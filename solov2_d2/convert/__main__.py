@@ -5,10 +5,10 @@ import sys
 # Bridges a detectron2 without compiled ops before any detectron2 module is imported.
 import solov2_d2  # noqa: F401  # isort: split
 
-from .converter import DEFAULT_CONFIGS_DIR, convert_checkpoint, summary
+from .converter import convert_checkpoint, summary
 from .mapping import ConversionError
 from .sources import SOURCES
-from .variants import VARIANTS
+from .variants import CONFIGS_DIR
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,15 +37,15 @@ def _parser() -> argparse.ArgumentParser:
         "--config",
         metavar="NAME",
         help=(
-            "the variant's config (e.g. SOLOv2_R50_1x or configs/SOLOv2_R50_1x.yaml); the "
-            "checkpoint must match it. Detected from the tensors if omitted. Known: "
-            + ", ".join(v.name for v in VARIANTS)
+            "the variant's config under configs/ (e.g. SOLOv2_R50_1x or "
+            "configs/LVIS/SOLOv2_R50_3x.yaml); the checkpoint must match it. Detected from the "
+            "tensors if omitted"
         ),
     )
     parser.add_argument(
         "--configs-dir",
-        default=DEFAULT_CONFIGS_DIR,
-        help="folder of the config files, for the written config's _BASE_ (default: %(default)s)",
+        default=str(CONFIGS_DIR),
+        help="folder the written config's _BASE_ points into (default: %(default)s)",
     )
     return parser
 

@@ -3,38 +3,27 @@ import collections
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
+from .architecture import HeadSpec, ResNetSpec, detect_heads, detect_resnet
 from .checkpoint_io import load_state_dict, save_detectron2_checkpoint
-from .detect import detect_heads, detect_resnet
 from .mapping import ConversionError, Renamed, fit_to_model, rename
 from .overrides import config_overrides, model_cfg, overrides_yaml, target_shapes
 from .sources import SOURCES, Source, guess_source
 from .variants import (
+    BASE_CONFIG,
     COCO_CLASSES,
-    STANDARD_HEADS,
-    HeadSpec,
-    ResNetSpec,
+    CONFIGS_DIR,
     Variant,
     choose_variant,
     find_variant,
+    load_config,
     mismatches,
 )
 
-__all__ = [
-    "ConversionResult",
-    "DEFAULT_CONFIGS_DIR",
-    "convert_checkpoint",
-    "convert_state_dict",
-    "summary",
-]
-
-# The repository's configs folder, when the package runs from a checkout.
-DEFAULT_CONFIGS_DIR = str(Path(__file__).resolve().parents[2] / "configs")
-_BASE_CONFIG = "Base-SOLOv2.yaml"
+__all__ = ["ConversionResult", "convert_checkpoint", "convert_state_dict", "summary"]
 
 
 @dataclass
@@ -67,7 +56,7 @@ class ConversionResult:
     @property
     def base_config(self) -> str:
         """The config file, relative to ``configs/``, to use as ``_BASE_``."""
-        return self.variant.config_file if self.variant else _BASE_CONFIG
+        return self.variant.config_file if self.variant else BASE_CONFIG
 
 
 def _resolve_source(names: List[str], source: Optional[str]) -> Source:
@@ -156,7 +145,8 @@ def convert_state_dict(
             )
             heads, num_classes = variant.heads, variant.class_counts[0]
         else:
-            heads, num_classes = STANDARD_HEADS, COCO_CLASSES
+            heads = HeadSpec.from_cfg(load_config(BASE_CONFIG).MODEL.SOLOV2)
+            num_classes = COCO_CLASSES
         description = f"{resnet.describe_layers()} backbone with {resnet.describe_dcn()}"
     else:
         description = (
@@ -165,14 +155,7 @@ def convert_state_dict(
             f"{num_classes} categories"
         )
 
-    overrides = config_overrides(
-        resnet,
-        heads,
-        num_classes,
-        src.input_style,
-        scale_ranges=variant.scale_ranges if variant else None,
-        lvis=variant is not None and variant.name.startswith("LVIS/"),
-    )
+    overrides = config_overrides(resnet, heads, num_classes, src.input_style, variant)
 
     def may_stay_missing(name):
         # ImageNet weights cover the ResNet's convs and norms only.
@@ -186,7 +169,7 @@ def convert_state_dict(
     notes += fit_notes
     if variant is None:
         notes.append(
-            f"No published config fits this architecture; the config is built on {_BASE_CONFIG} "
+            f"No published config fits this architecture; the config is built on {BASE_CONFIG} "
             "with overrides for all of it."
         )
     elif not src.backbone_only and num_classes not in variant.class_counts:
@@ -230,7 +213,7 @@ def convert_checkpoint(
         raise ConversionError(f"{dst} would be overwritten by its config: name it *.pth.")
     result = convert_state_dict(load_state_dict(src), source, config)
 
-    base = os.path.abspath(os.path.join(configs_dir or DEFAULT_CONFIGS_DIR, result.base_config))
+    base = os.path.abspath(os.path.join(configs_dir or CONFIGS_DIR, result.base_config))
     if not os.path.isfile(base):
         result.notes.append(f"{base} does not exist (yet): the written config needs it.")
     save_detectron2_checkpoint(
@@ -254,7 +237,7 @@ def summary(result: ConversionResult) -> List[str]:
     lines = [
         f"Source: {result.source.label}",
         f"Architecture: {result.description}",
-        f"Config: {result.variant.name if result.variant else 'none published; ' + _BASE_CONFIG}",
+        f"Config: {result.variant.name if result.variant else 'none published; ' + BASE_CONFIG}",
         f"Tensors written: {len(result.state_dict)}",
     ]
     reasons = collections.Counter(result.dropped.values())

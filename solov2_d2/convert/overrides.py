@@ -12,26 +12,14 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import yaml
 
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
-from ..config import add_solov2_config
+from .architecture import HeadSpec, ResNetSpec
 from .sources import InputStyle
-from .variants import LVIS_CLASSES, HeadSpec, ResNetSpec
+from .variants import BASE_CONFIG, LVIS_CLASSES, Variant, load_config
 
 __all__ = ["config_overrides", "model_cfg", "overrides_yaml", "target_shapes"]
-
-# What configs/Base-SOLOv2.yaml sets for the model; repeated here so that converting does not
-# need the config files.
-_BASE_SOLOV2 = {
-    "MODEL": {
-        "META_ARCHITECTURE": "SOLOv2",
-        "MASK_ON": True,
-        "BACKBONE": {"NAME": "build_solov2_resnet_fpn_backbone"},
-        "RESNETS": {"OUT_FEATURES": ["res2", "res3", "res4", "res5"]},
-        "FPN": {"IN_FEATURES": ["res2", "res3", "res4", "res5"]},
-    }
-}
 
 
 def config_overrides(
@@ -39,16 +27,15 @@ def config_overrides(
     heads: HeadSpec,
     num_classes: int,
     input_style: InputStyle,
-    scale_ranges: Optional[Sequence[Sequence[int]]] = None,
-    lvis: bool = False,
+    variant: Optional[Variant] = None,
 ) -> Dict[str, Any]:
     """The config keys converted weights need, as a nested dict (yaml layout).
 
     Args:
         resnet, heads, num_classes: the architecture.
         input_style: the convention the backbone was trained with.
-        scale_ranges: the variant's MODEL.SOLOV2.SCALE_RANGES when not the default.
-        lvis: an LVIS variant: DATASETS names the LVIS version of the category count.
+        variant: the published variant the weights are, if any: its scale ranges, and for LVIS
+            the dataset version of the category count.
     """
     overrides = {
         "INPUT": {"FORMAT": input_style.format},
@@ -56,42 +43,26 @@ def config_overrides(
             "PIXEL_MEAN": list(input_style.pixel_mean),
             "PIXEL_STD": list(input_style.pixel_std),
             "RESNETS": {
-                "DEPTH": resnet.depth,
-                "NUM_GROUPS": resnet.num_groups,
-                "WIDTH_PER_GROUP": resnet.width_per_group,
-                "RES2_OUT_CHANNELS": resnet.res2_out_channels,
+                **resnet.config(),
                 "STRIDE_IN_1X1": input_style.stride_in_1x1,
                 # Pretrained statistics, kept as they are (as all published models do).
                 "NORM": "FrozenBN",
-                "DEFORM_ON_PER_STAGE": list(resnet.deform_on_per_stage),
                 "DEFORM_MODULATED": True,
-                "DEFORM_NUM_GROUPS": resnet.deform_num_groups,
             },
-            "SOLOV2": {
-                "NUM_CLASSES": num_classes,
-                "INSTANCE_CHANNELS": heads.instance_channels,
-                "NUM_INSTANCE_CONVS": heads.num_instance_convs,
-                "MASK_CHANNELS": heads.mask_channels,
-                "MASK_DIM": heads.mask_dim,
-                "DYNAMIC_KERNEL_SIZE": heads.dynamic_kernel_size,
-                "DCN_IN_TOWER": heads.dcn_in_tower,
-                "DCN_IN_MASK_BRANCH": heads.dcn_in_mask_branch,
-            },
+            "SOLOV2": {"NUM_CLASSES": num_classes, **heads.config()},
         },
     }
-    if scale_ranges is not None:
-        overrides["MODEL"]["SOLOV2"]["SCALE_RANGES"] = [list(r) for r in scale_ranges]
-    if lvis and num_classes in LVIS_CLASSES:
-        version = LVIS_CLASSES[num_classes]
-        overrides["DATASETS"] = {"TRAIN": [f"{version}_train"], "TEST": [f"{version}_val"]}
+    if variant is not None:
+        overrides["MODEL"]["SOLOV2"]["SCALE_RANGES"] = [list(r) for r in variant.scale_ranges]
+        if variant.is_lvis and num_classes in LVIS_CLASSES:
+            version = LVIS_CLASSES[num_classes]
+            overrides["DATASETS"] = {"TRAIN": [f"{version}_train"], "TEST": [f"{version}_val"]}
     return overrides
 
 
 def model_cfg(overrides: Dict[str, Any]) -> CfgNode:
-    """A full config: detectron2's and SOLOv2's defaults, Base-SOLOv2's model keys, overrides."""
-    cfg = get_cfg()
-    add_solov2_config(cfg)
-    cfg.merge_from_other_cfg(CfgNode(_BASE_SOLOV2))
+    """A full config: configs/Base-SOLOv2.yaml on SOLOv2's defaults, then `overrides`."""
+    cfg = load_config(BASE_CONFIG)
     cfg.merge_from_other_cfg(CfgNode(overrides))
     return cfg
 

@@ -17,10 +17,15 @@ of 81 outputs from that code base carries the background as row 0, which is drop
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional, Tuple
 
-from .adelaidet_heads import adelaidet_head_rules
-from .backbone import detectron2_backbone_rules, mmdet_fpn_rules, torchvision_resnet_rules
 from .mapping import DropRule, Renamed, Rule
-from .mmdet_heads import mmdet_head_rules, solo_head_rules
+from .rules import (
+    adelaidet_head_rules,
+    detectron2_backbone_rules,
+    mmdet_fpn_rules,
+    mmdet_head_rules,
+    solo_head_rules,
+    torchvision_resnet_rules,
+)
 
 __all__ = ["InputStyle", "MSRA_INPUT", "SOURCES", "Source", "TORCHVISION_INPUT", "guess_source"]
 

@@ -4,11 +4,13 @@ Register the datasets of this project, found under one root folder:
 * "fruit_train", "fruit_val": `<root>/fruit`, 18 labelme-annotated photos of dates, figs and
   hazelnuts, split by file: train = 0..13, val = 14..17 (fixed, so results stay comparable).
 * "coco_mini_train", "coco_mini_val": `<root>/coco_mini`, a COCO 2017 subset in COCO's own format,
-  evaluated against its official json file.
+  evaluated against its official json file; registered only when that folder exists, as it may
+  not be redistributed with the repository.
 
 The root is the `root` argument, else the environment variable SOLOV2_DATASETS, else
-`<repo>/../shared/data`, where `<repo>` is the folder that holds the `solov2_d2` package.
-Registration reads nothing; a dataset whose files are missing raises when it is used.
+`<repo>/datasets`, where `<repo>` is the folder that holds the `solov2_d2` package (the fruit
+photos ship there). Registration reads no annotations; a dataset whose files are missing raises
+when it is used.
 """
 import functools
 import os
@@ -19,15 +21,18 @@ from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 
 from .labelme import register_labelme_instances
 
-__all__ = ["register_builtin_datasets", "get_datasets_root", "FRUIT_CLASSES", "DATASETS_ENV_VAR"]
+__all__ = [
+    "DATASETS_ENV_VAR",
+    "FRUIT_CLASSES",
+    "get_datasets_root",
+    "register_builtin_datasets",
+    "register_coco_mini",
+]
 
 DATASETS_ENV_VAR = "SOLOV2_DATASETS"
 
 _DEFAULT_ROOT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-    "..",
-    "shared",
-    "data",
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "datasets"
 )
 
 # Fixed, so category ids (and trained models) do not depend on which files are read. It is the
@@ -48,7 +53,7 @@ _COCO_MINI_SPLITS = {
 def get_datasets_root(root=None):
     """
     Return the absolute path of the datasets root: `root` if given, else the environment variable
-    SOLOV2_DATASETS if set, else `<repo>/../shared/data`.
+    SOLOV2_DATASETS if set, else `<repo>/datasets`.
     """
     if root is None:
         root = os.environ.get(DATASETS_ENV_VAR) or _DEFAULT_ROOT
@@ -62,7 +67,7 @@ def _load_if_present(name, paths, load):
             raise FileNotFoundError(
                 f"Dataset '{name}' needs {path}, which does not exist. Put the datasets there, "
                 f"or set the environment variable {DATASETS_ENV_VAR} to the folder that holds "
-                "fruit/ and coco_mini/ before importing solov2_d2, or call "
+                "them before importing solov2_d2, or call "
                 "solov2_d2.data.register_builtin_datasets(root)."
             )
     return load()
@@ -81,18 +86,8 @@ def _register(name, paths, register, *args):
     DatasetCatalog.register(name, functools.partial(_load_if_present, name, paths, load))
 
 
-def register_builtin_datasets(root=None):
-    """
-    Register fruit_train, fruit_val, coco_mini_train and coco_mini_val under the datasets root
-    (see :func:`get_datasets_root`). Nothing is read; calling it again re-registers them.
-
-    Args:
-        root (str or None): the folder holding fruit/ and coco_mini/.
-    """
-    root = get_datasets_root(root)
-    fruit = os.path.join(root, "fruit")
-    for name, files in _FRUIT_SPLITS.items():
-        _register(name, [fruit], register_labelme_instances, fruit, FRUIT_CLASSES, files)
+def register_coco_mini(root):
+    """Register coco_mini_train and coco_mini_val from `<root>/coco_mini`."""
     for name, (image_root, json_file) in _COCO_MINI_SPLITS.items():
         image_root, json_file = os.path.join(root, image_root), os.path.join(root, json_file)
         # The subset keeps all 80 COCO categories, so COCO's metadata (classes, id map, colors)
@@ -101,3 +96,20 @@ def register_builtin_datasets(root=None):
         _register(
             name, [json_file, image_root], register_coco_instances, metadata, json_file, image_root
         )
+
+
+def register_builtin_datasets(root=None):
+    """
+    Register fruit_train and fruit_val under the datasets root (see :func:`get_datasets_root`),
+    and coco_mini_train and coco_mini_val when the root has a coco_mini folder. Calling it again
+    re-registers them.
+
+    Args:
+        root (str or None): the folder holding fruit/ (and coco_mini/).
+    """
+    root = get_datasets_root(root)
+    fruit = os.path.join(root, "fruit")
+    for name, files in _FRUIT_SPLITS.items():
+        _register(name, [fruit], register_labelme_instances, fruit, FRUIT_CLASSES, files)
+    if os.path.isdir(os.path.join(root, "coco_mini")):
+        register_coco_mini(root)

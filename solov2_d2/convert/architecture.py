@@ -1,21 +1,108 @@
-"""Reading the architecture off a state dict in our names (after renaming).
+"""What a checkpoint fixes of the architecture, read off its tensors or off a config.
 
-Only shapes and names are used: block counts per stage give the depth, the 3x3 conv's weight
-gives the ResNeXt groups, ``conv_offset`` tensors give the deformable layers, the first tower conv
-and the predictors give the head widths, E and the number of categories. Everything that is not
-read here is still checked, name by name and shape by shape, against the model built from the
-result (:func:`solov2_d2.convert.mapping.fit_to_model`).
+:class:`ResNetSpec` and :class:`HeadSpec` hold the config keys that shape parameters: each field
+is the ``MODEL.RESNETS`` or ``MODEL.SOLOV2`` key of its name in upper case. The detectors read
+them off a state dict in our names (after renaming), from shapes and names only: block counts per
+stage give the depth, the 3x3 conv's weight gives the ResNeXt groups, ``conv_offset`` tensors give
+the deformable layers, the first tower conv and the predictors give the head widths, E and the
+number of categories. Everything that is not read here is still checked, name by name and shape
+by shape, against the model built from the result
+(:func:`solov2_d2.convert.mapping.fit_to_model`).
 """
+import dataclasses
 import math
 import re
-from typing import Mapping, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Tuple
 
 import torch
 
-from .mapping import ConversionError
-from .variants import HeadSpec, ResNetSpec
+from detectron2.config import CfgNode
 
-__all__ = ["detect_heads", "detect_resnet"]
+from .mapping import ConversionError
+
+__all__ = ["HeadSpec", "ResNetSpec", "detect_heads", "detect_resnet"]
+
+_STAGES = ("res2", "res3", "res4", "res5")
+
+
+class _ConfigKeys:
+    """Conversion between a spec's fields and the config keys of the same names."""
+
+    @classmethod
+    def from_cfg(cls, node: CfgNode):
+        """The spec of `node`, ``cfg.MODEL.RESNETS`` or ``cfg.MODEL.SOLOV2``."""
+        values = {f.name: node[f.name.upper()] for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def config(self) -> Dict[str, Any]:
+        """The config keys and values, lists where yaml has lists."""
+        values = dataclasses.asdict(self)
+        return {k.upper(): list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class ResNetSpec(_ConfigKeys):
+    """What the tensors of a ResNet/ResNeXt fix."""
+
+    depth: int
+    num_groups: int
+    width_per_group: int
+    res2_out_channels: int
+    deform_on_per_stage: Tuple[bool, bool, bool, bool]
+    deform_num_groups: int
+
+    @property
+    def layers(self) -> Tuple[int, int, int, int]:
+        """The part that pretrained weights fix whatever the detector: depth and widths."""
+        return (self.depth, self.num_groups, self.width_per_group, self.res2_out_channels)
+
+    def describe_layers(self) -> str:
+        """``ResNet-50``, ``ResNeXt-101 64x4d``, with unusual widths spelled out."""
+        if self.num_groups > 1:
+            text = f"ResNeXt-{self.depth} {self.num_groups}x{self.width_per_group}d"
+        else:
+            text = f"ResNet-{self.depth}"
+            if self.width_per_group != 64:
+                text += f" with bottleneck width {self.width_per_group}"
+        if self.res2_out_channels != (64 if self.depth in (18, 34) else 256):
+            text += f" with {self.res2_out_channels} res2 output channels"
+        return text
+
+    def describe_dcn(self) -> str:
+        stages = [s for s, on in zip(_STAGES, self.deform_on_per_stage) if on]
+        return f"deformable convs in {', '.join(stages)}" if stages else "no deformable convs"
+
+
+@dataclass(frozen=True)
+class HeadSpec(_ConfigKeys):
+    """What the tensors of the two heads fix (``mask_dim`` is E)."""
+
+    instance_channels: int
+    num_instance_convs: int
+    mask_channels: int
+    mask_dim: int
+    dynamic_kernel_size: int
+    dcn_in_tower: str
+    dcn_in_mask_branch: bool
+
+    def describe_towers(self) -> str:
+        return f"{self.num_instance_convs} tower convs of {self.instance_channels} channels"
+
+    def describe_mask(self) -> str:
+        text = f"E = {self.mask_dim}, from {self.mask_channels}-channel mask-branch convs"
+        if self.dynamic_kernel_size != 1:
+            text += f", {self.dynamic_kernel_size}x{self.dynamic_kernel_size} dynamic kernels"
+        return text
+
+    def describe_dcn(self) -> str:
+        parts = {"none": [], "last": ["the last tower conv"], "all": ["all tower convs"]}[
+            self.dcn_in_tower
+        ]
+        if self.dcn_in_mask_branch:
+            parts.append("the mask branch")
+        return f"deformable convs in {' and '.join(parts)}" if parts else "no deformable head convs"
+
 
 _BOTTOM_UP = "backbone.bottom_up."
 # (blocks in res2..res5, bottleneck blocks?) -> depth, as detectron2's ResNet builds them.
@@ -82,13 +169,9 @@ def detect_resnet(tensors: Mapping[str, torch.Tensor]) -> ResNetSpec:
         ]
         deform.append(bool(offsets))
         deform_groups.update(_deform_groups(w) for w in offsets)
+    deform_num_groups = max(deform_groups, default=1)
     return ResNetSpec(
-        depth=depth,
-        num_groups=num_groups,
-        width_per_group=width_per_group,
-        res2_out_channels=res2_out,
-        deform_on_per_stage=tuple(deform),
-        deform_num_groups=max(deform_groups, default=1),
+        depth, num_groups, width_per_group, res2_out, tuple(deform), deform_num_groups
     )
 
 
@@ -148,12 +231,6 @@ def detect_heads(tensors: Mapping[str, torch.Tensor]) -> Tuple[HeadSpec, int]:
         k.startswith("mask_head.") and ".conv_offset." in k for k in tensors
     )
     heads = HeadSpec(
-        instance_channels=channels,
-        num_instance_convs=num_convs,
-        mask_channels=mask_channels,
-        mask_dim=mask_dim,
-        dynamic_kernel_size=kernel_size,
-        dcn_in_tower=dcn_in_tower,
-        dcn_in_mask_branch=dcn_in_mask_branch,
+        channels, num_convs, mask_channels, mask_dim, kernel_size, dcn_in_tower, dcn_in_mask_branch
     )
     return heads, num_classes

@@ -1,4 +1,5 @@
-"""Round trips: our checkpoint exported to each family's naming and converted back is identical.
+"""The name rules (solov2_d2/convert/rules.py), by round trips: our checkpoint exported to each
+family's naming and converted back is identical.
 
 The export (our names -> theirs) is written here from the naming tables of the spec,
 independently of the converter's rules, so the round trip checks the converter against a
