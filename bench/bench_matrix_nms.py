@@ -1,4 +1,5 @@
-"""Benchmark solov2_d2's Matrix NMS against the dense formulation of the reference code bases.
+"""Benchmark solov2_d2's batched Matrix NMS against the reference code bases' formulation
+(mmdetection's `mask_matrix_nms`, one image, written out here); both are dense.
 
 Both run on identical inputs in the same process: SOLOv2-like candidates, i.e. jittered copies
 (shifts of a few pixels, small dilations and erosions) of a few dozen random blobs of varied

@@ -10,14 +10,16 @@ Writes benchmark.json and benchmark.md (also printed) to --out. Every time is a 
 - Inference of SOLOv2-R50 at 800x1333 and SOLOv2-Light-448-R50 at 448x768, batch 1 and 4, random
   weights, split by forward hooks into preprocessing (normalise, pad), backbone + FPN, heads (both)
   and post-processing; with no candidate (random weights give every category score about 0.01,
-  below the 0.1 threshold) and with a forced load of K candidates (:class:`ForcedCandidates`).
+  below the 0.1 threshold) and with two forced loads of K candidates (:class:`ForcedCandidates`):
+  compact object-like masks, and the random network's own large, noisy masks.
 - The arithmetic rate of backbone + FPN + heads: fvcore's FLOP count (it counts a multiply-add as
   one; doubled here) over their time, next to the float32 2048 x 2048 matmul rate measured here.
-- Matrix NMS alone against the dense formulation of the reference code (bench_matrix_nms.py).
+- Matrix NMS alone against the reference code's formulation (bench_matrix_nms.py).
 - One training iteration (2 images of 800x1333, R50, random weights, forward + backward + SGD
   step) and target assignment alone for one image with 50 instances (bench_targets.py).
-- Peak memory of inference under the forced load, each in a fresh process: on the CPU the peak RSS
-  (VmHWM) of the forward over the RSS before it; on CUDA torch.cuda.max_memory_allocated.
+- Peak memory of inference under the forced loads, each in a fresh process: on the CPU the peak
+  RSS (VmHWM) of the call over the RSS before it; on CUDA torch.cuda.max_memory_allocated. Also
+  DefaultPredictor on a 6000 x 8000 photo under the heavy load (100 output masks of that size).
 
 OMP_WAIT_POLICY: unless it is set, this sets PASSIVE before importing torch. GNU OpenMP's worker
 threads otherwise spin after each parallel region; with other processes busy on the machine they
@@ -41,6 +43,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
 
@@ -50,6 +53,7 @@ from bench_matrix_nms import median_ms, run_case  # noqa: E402
 from bench_targets import random_instances, time_target_assignment  # noqa: E402
 
 from detectron2.config import get_cfg  # noqa: E402
+from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,15 +62,23 @@ MODELS = {
     "SOLOv2-Light-448-R50": "configs/SOLOv2_Light_448_R50_3x.yaml",
 }
 STAGES = ["preprocess", "backbone", "heads", "postprocess", "total"]
+LOADS = ["none", "compact", "heavy"]
+# A photo of 48 megapixels through DefaultPredictor (peak memory only).
+HUGE_IMAGE = (6000, 8000)
 
 
-def build(config: str, device: str, train: bool = False):
-    """A SOLOv2 model of `config` with random weights (seed 0)."""
+def build_cfg(config: str, device: str):
     cfg = get_cfg()
     solov2_d2.add_solov2_config(cfg)
     cfg.merge_from_file(str(REPO / config))
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = device
+    return cfg
+
+
+def build(config: str, device: str, train: bool = False):
+    """A SOLOv2 model of `config` with random weights (seed 0)."""
+    cfg = build_cfg(config, device)
     torch.manual_seed(0)
     return build_model(cfg).train(train)
 
@@ -114,7 +126,9 @@ class StageTimer:
 
 class ForcedCandidates:
     """A forced candidate load for a model with random weights: exactly `num` (cell, class) pairs
-    pass the score threshold, and their masks look like objects.
+    pass the score threshold. With `heavy` False (the compact load) their masks look like
+    objects; with `heavy` True they are the random network's own masks, image-wide noise (its
+    kernels times `kernel_scale`): large, noisy masks that cover much of the image.
 
     Forward hooks replace the outputs of the heads after they ran (so the heads are still timed):
 
@@ -130,14 +144,16 @@ class ForcedCandidates:
       so the candidates are near-duplicates of a few dozen objects, as Matrix NMS sees them in a
       trained model; a cell's first class is its object's class.
 
-    Random weights alone would give masks of image-wide noise: every kept mask would cover the
-    whole image, far from what a trained model outputs. The load depends only on the shapes of
+    In the heavy load only the category logits are replaced. The load depends only on the shapes of
     the heads' outputs: where the network runs one image at a time (CPU), every image of a batch
     gets the same load.
     """
 
-    def __init__(self, num: int, objects: int = 40, seed: int = 0):
+    def __init__(
+        self, num: int, objects: int = 40, seed: int = 0, heavy: bool = False, kernel_scale=10.0
+    ):
         self.num, self.objects, self.seed = num, objects, seed
+        self.heavy, self.kernel_scale = heavy, kernel_scale
         self.cache = {}
 
     def attach(self, model):
@@ -149,6 +165,8 @@ class ForcedCandidates:
             key = ("heads", tuple(c.shape for c in cate), tuple(k.shape for k in kernels))
             if key not in self.cache:
                 self.cache[key] = self._heads(cate, kernels)
+            if self.heavy:
+                return self.cache[key][0], [k * self.kernel_scale for k in kernels]
             return self.cache[key]
 
         def mask_features(module, inputs, output):
@@ -157,10 +175,10 @@ class ForcedCandidates:
                 self.cache[key] = self._features(output, stride)
             return self.cache[key]
 
-        return [
-            model.ins_head.register_forward_hook(heads),
-            model.mask_head.register_forward_hook(mask_features),
-        ]
+        handles = [model.ins_head.register_forward_hook(heads)]
+        if not self.heavy:
+            handles.append(model.mask_head.register_forward_hook(mask_features))
+        return handles
 
     def _features(self, like, stride):
         b, e, h, w = like.shape
@@ -240,7 +258,7 @@ def network_flops(model, size, device) -> float:
             self.model = model
 
         def forward(self, x):
-            cate, kernels, mask_features = self.model._network(x)
+            cate, kernels, mask_features = self.model.network(x)
             return tuple(cate), tuple(kernels), mask_features
 
     d = model.backbone.size_divisibility
@@ -252,21 +270,22 @@ def network_flops(model, size, device) -> float:
 
 
 def bench_inference(name, size, batch, candidates, repeats, device) -> dict:
-    """Per-image stage times with no candidate and with `candidates` forced ones."""
+    """Per-image stage times with no candidate and under the compact and heavy loads of
+    `candidates` forced ones."""
     model = build(MODELS[name], str(device))
     inputs = [{"image": image} for image in random_images(batch, size)]
     timer = StageTimer(model, device)
-    forced = ForcedCandidates(candidates)
     result = {"model": name, "size": list(size), "batch": batch}
     with torch.no_grad():
-        for load in ("none", "forced"):
-            handles = forced.attach(model) if load == "forced" else []
+        for load in LOADS:
+            forced = ForcedCandidates(candidates, heavy=load == "heavy")
+            handles = forced.attach(model) if load != "none" else []
             outputs = model(inputs)  # warm-up
             runs = [timer(lambda: model(inputs)) for _ in range(repeats)]
             for h in handles:
                 h.remove()
             result[load] = {s: statistics.median(r[s] for r in runs) / batch for s in STAGES}
-            result[load]["candidates"] = candidates if load == "forced" else 0
+            result[load]["candidates"] = candidates if load != "none" else 0
             result[load]["detections"] = sum(len(o["instances"]) for o in outputs) / batch
     return result
 
@@ -306,30 +325,49 @@ def _proc_status_kb(field: str) -> int:
 
 
 def peak_memory_child(spec: dict) -> dict:
-    """In this (fresh) process: peak memory of one inference under the forced load."""
+    """In this (fresh) process: peak memory of one inference under a forced load; with
+    "image" in `spec`, of DefaultPredictor on a random BGR image of that size."""
     device = torch.device(spec["device"])
-    model = build(MODELS[spec["model"]], spec["device"])
-    inputs = [{"image": image} for image in random_images(spec["batch"], spec["size"])]
-    ForcedCandidates(spec["candidates"]).attach(model)
+    cfg = build_cfg(MODELS[spec["model"]], spec["device"])
+    torch.manual_seed(0)
+    if "image" in spec:
+        predictor = DefaultPredictor(cfg)
+        model = predictor.model
+        image = np.random.default_rng(0).integers(0, 256, (*spec["image"], 3), dtype=np.uint8)
+        run = lambda: predictor(image)  # noqa: E731
+        warm_up = lambda: predictor(image[:64, :64])  # noqa: E731
+    else:
+        model = build_model(cfg).eval()
+        inputs = [{"image": x} for x in random_images(spec["batch"], spec["size"])]
+        run = warm_up = lambda: model(inputs)  # noqa: E731
+    ForcedCandidates(spec["candidates"], heavy=spec["load"] == "heavy").attach(model)
     with torch.no_grad():
-        model(inputs)  # warm-up: lazily created state is not the inference's
+        warm_up()  # lazily created state is not the inference's
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-            model(inputs)
+            outputs = run()
             peak = torch.cuda.max_memory_allocated(device)
-            return {"peak_mb": peak / 2**20, "increase_mb": (peak - before) / 2**20}
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        before = _proc_status_kb("VmRSS")
-        model(inputs)
-        peak = _proc_status_kb("VmHWM")
-        return {"peak_mb": peak / 1024, "increase_mb": (peak - before) / 1024}
+            result = {"peak_mb": peak / 2**20, "increase_mb": (peak - before) / 2**20}
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            before = _proc_status_kb("VmRSS")
+            outputs = run()
+            peak = _proc_status_kb("VmHWM")
+            result = {"peak_mb": peak / 1024, "increase_mb": (peak - before) / 1024}
+    instances = outputs["instances"] if isinstance(outputs, dict) else outputs[0]["instances"]
+    result["detections"] = len(instances)
+    result["output_masks_mb"] = instances.pred_masks.numel() / 2**20
+    return result
 
 
-def peak_memory(model, size, batch, candidates, device) -> dict:
+def peak_memory(model, size, batch, candidates, device, load, image=None) -> dict:
     spec = dict(model=model, size=list(size), batch=batch, candidates=candidates, device=device)
+    spec["load"] = load
+    if image is not None:
+        spec["image"] = list(image)
     run = subprocess.run(
         [sys.executable, __file__, "--peak-memory-child", json.dumps(spec)],
         capture_output=True,
@@ -377,16 +415,16 @@ def markdown(results) -> str:
         "",
         "Inference, ms per image (batch time / batch size):",
         "",
-        "| model | input | batch | candidates | preprocess | backbone+FPN | heads | "
+        "| model | input | batch | load | candidates | preprocess | backbone+FPN | heads | "
         "post-processing | total | post % | detections | backbone+heads GFLOP/s (% of matmul) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["inference"]:
-        for load in ("none", "forced"):
+        for load in LOADS:
             t = r[load]
             rate = r["flops"] / ((t["backbone"] + t["heads"]) / 1000) / 1e9
             lines.append(
-                f"| {r['model']} | {r['size'][0]}x{r['size'][1]} | {r['batch']} | "
+                f"| {r['model']} | {r['size'][0]}x{r['size'][1]} | {r['batch']} | {load} | "
                 f"{t['candidates']} | {t['preprocess']:.1f} | {t['backbone']:.0f} | "
                 f"{t['heads']:.0f} | {t['postprocess']:.1f} | {t['total']:.0f} | "
                 f"{100 * t['postprocess'] / t['total']:.1f} | {t['detections']:.0f} | "
@@ -404,7 +442,7 @@ def markdown(results) -> str:
         "",
         f"Matrix NMS alone (gaussian, masks {results['nms_mask_size']}, 40 objects):",
         "",
-        "| candidates | dense ms | ours ms | speed-up | same keep & labels | max abs diff |",
+        "| candidates | reference ms | ours ms | speed-up | same keep & labels | max abs diff |",
         "|---:|---:|---:|---:|:---:|---:|",
     ]
     for r in results["matrix_nms"]:
@@ -420,17 +458,21 @@ def markdown(results) -> str:
         f"of {t['size'][0]}x{t['size'][1]}, {t['target_instances']} instances): "
         f"{t['targets_ms']:.1f} ms.",
         "",
-        "Peak memory of inference with the forced candidates (a fresh process each; "
-        + ("VmHWM during the forward" if m["device"] == "cpu" else "max_memory_allocated")
-        + "):",
+        "Peak memory of inference under a forced load (a fresh process each; "
+        + ("VmHWM during the call" if m["device"] == "cpu" else "max_memory_allocated")
+        + "); the huge photo goes through DefaultPredictor, which resizes it for the network "
+        "and returns masks of the photo's size:",
         "",
-        "| model | input | batch | candidates | peak MB | over the loaded model MB |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | input | batch | load | candidates | detections | output masks MB | peak MB | "
+        "over the loaded model MB |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in results["peak_memory"]:
+        size = r.get("image", r["size"])
         lines.append(
-            f"| {r['model']} | {r['size'][0]}x{r['size'][1]} | {r['batch']} | "
-            f"{r['candidates']} | {r['peak_mb']:.0f} | {r['increase_mb']:.0f} |"
+            f"| {r['model']} | {size[0]}x{size[1]} | {r['batch']} | {r['load']} | "
+            f"{r['candidates']} | {r['detections']} | {r['output_masks_mb']:.0f} | "
+            f"{r['peak_mb']:.0f} | {r['increase_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -439,9 +481,9 @@ def check(results):
     """Raise SystemExit unless every measurement is sane."""
     times = [results["matmul_gflops"], results["training"]["ms"], results["training"]["targets_ms"]]
     for r in results["inference"]:
-        times += [r["flops"]] + [r[load][s] for load in ("none", "forced") for s in STAGES]
-        if r["forced"]["detections"] <= 0:
-            raise SystemExit(f"No detection under the forced load: {r}")
+        times += [r["flops"]] + [r[load][s] for load in LOADS for s in STAGES]
+        if r["compact"]["detections"] <= 0 or r["heavy"]["detections"] <= 0:
+            raise SystemExit(f"No detection under a forced load: {r}")
     times += [r[k] for r in results["matrix_nms"] for k in ("dense_ms", "ours_ms")]
     times += [r["peak_mb"] for r in results["peak_memory"]]
     if not all(math.isfinite(t) and t > 0 for t in times):
@@ -471,12 +513,16 @@ def main():
         batches, args.repeats, args.candidates = (1, 2), 1, 100
         nms_sizes, nms_mask = [100], (80, 120)
         train = ("SOLOv2-Light-448-R50", (160, 256), 1)
-        memory = [("SOLOv2-Light-448-R50", 1)]
+        memory = [("SOLOv2-Light-448-R50", 1, load, None) for load in ("compact", "heavy")]
     else:
         sizes = {"SOLOv2-R50": (800, 1333), "SOLOv2-Light-448-R50": (448, 768)}
         batches, nms_sizes, nms_mask = (1, 4), [100, 500, 1000], (200, 336)
         train = ("SOLOv2-R50", (800, 1333), 3)
-        memory = [(name, batch) for name in sizes for batch in batches]
+        memory = [
+            (name, batch, load, None) for name in sizes for batch in batches
+            for load in ("compact", "heavy")
+        ]
+        memory.append(("SOLOv2-R50", 1, "heavy", HUGE_IMAGE))
 
     results = {"machine": machine(device), "repeats": args.repeats, "quick": args.quick}
     results["load_average"] = {"start": os.getloadavg()[0]}
@@ -505,8 +551,8 @@ def main():
         "targets_ms": time_target_assignment(*size, 50, False, args.repeats, device),
     }
     results["peak_memory"] = [
-        peak_memory(name, sizes[name], batch, args.candidates, str(device))
-        for name, batch in memory
+        peak_memory(name, sizes[name], batch, args.candidates, str(device), load, image)
+        for name, batch, load, image in memory
     ]
     results["load_average"]["end"] = os.getloadavg()[0]
 

@@ -25,11 +25,13 @@ def test_quick_benchmark_writes_sane_results(tmp_path):
     }
     for r in results["inference"]:
         assert r["flops"] > 0
-        for load in ("none", "forced"):
+        for load in ("none", "compact", "heavy"):
             stages = [r[load][s] for s in ("preprocess", "backbone", "heads", "postprocess")]
             assert all(t > 0 for t in stages)
             assert r[load]["total"] >= sum(stages) * 0.999
-        assert r["none"]["detections"] == 0 and r["forced"]["detections"] > 0
+        assert r["none"]["detections"] == 0
+        assert r["compact"]["detections"] > 0 and r["heavy"]["detections"] > 0
     assert all(r["same_keep_and_labels"] and r["ours_ms"] > 0 for r in results["matrix_nms"])
     assert results["training"]["ms"] > 0 and results["training"]["targets_ms"] > 0
-    assert all(r["peak_mb"] > 0 for r in results["peak_memory"])
+    assert {r["load"] for r in results["peak_memory"]} == {"compact", "heavy"}
+    assert all(r["peak_mb"] > 0 and r["detections"] > 0 for r in results["peak_memory"])
