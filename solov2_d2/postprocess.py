@@ -90,6 +90,16 @@ class Detections(NamedTuple):
     soft_masks: torch.Tensor
 
 
+class _Ranked(NamedTuple):
+    """Candidates, each [B, n]: scores, cells, labels, valid; binary masks [B, n, H_m * W_m]."""
+
+    scores: torch.Tensor
+    cells: torch.Tensor
+    labels: torch.Tensor
+    valid: torch.Tensor
+    binary: torch.Tensor
+
+
 class SOLOv2PostProcessor:
     """Turns SOLOv2 head outputs for a batch into per-image `Instances`.
 
@@ -235,17 +245,27 @@ class SOLOv2PostProcessor:
                     for x, s in zip(cate_logits, self.strides)
                 ]
             )
-            areas, soft_sums = self._mask_sums(mask_features, kernels, cells, inside)
-            valid &= areas > cell_strides[cells]
-            scores = scores * (soft_sums / areas.clamp(min=1))  # maskness
-
-            order = sort_descending(scores, valid)
-            if self.pre_nms_topk > 0:
-                order = order[:, : self.pre_nms_topk]
-            scores, cells, labels, valid = (
-                x.gather(1, order) for x in (scores, cells, labels, valid)
-            )
-            binary = self._mask_probs(mask_features, kernels, cells, inside, binary=True)
+            # Steps 3-6 a chunk of candidates at a time: a chunk's masks give its scores, and
+            # the running top `pre_nms_topk` keeps the binary masks that Matrix NMS needs.
+            pixels = mask_features.shape[2] * mask_features.shape[3]
+            top = _Ranked(*(x[:, :0] for x in (scores, cells, labels, valid)),
+                          binary=valid.new_zeros((len(valid), 0, pixels)))
+            for part in self._chunks(cells.shape[1]):
+                probs = self._mask_probs(mask_features, kernels, cells[:, part], inside)
+                binary = probs > self.mask_thresh
+                areas = binary.sum(dim=2).float()
+                # Exact in float64 for thresholds >= 1/64 (probabilities above it are multiples
+                # of 2^-29; 2^24 of them need 53 bits): a sum does not depend on batch padding.
+                soft_sums = (probs * binary).double().sum(dim=2).float()
+                chunk = _Ranked(
+                    scores[:, part] * (soft_sums / areas.clamp(min=1)),  # maskness
+                    cells[:, part],
+                    labels[:, part],
+                    valid[:, part] & (areas > cell_strides[cells[:, part]]),
+                    binary,
+                )
+                top = self._top(top, chunk)
+            scores, cells, labels, valid, binary = top
             decay = matrix_nms_decay(
                 binary, labels, valid, kernel=self.nms_kernel, sigma=self.nms_sigma
             )
@@ -258,7 +278,13 @@ class SOLOv2PostProcessor:
             scores, cells, labels, valid = (
                 x.gather(1, rank) for x in (scores, cells, labels, valid)
             )
-            soft = self._mask_probs(mask_features, kernels, cells, inside, binary=False)
+            soft = torch.cat(
+                [
+                    self._mask_probs(mask_features, kernels, cells[:, part], inside)
+                    for part in self._chunks(cells.shape[1])
+                ],
+                dim=1,
+            )
             return Detections(
                 scores=scores.masked_fill(~valid, 0),
                 labels=labels.masked_fill(~valid, -1),
@@ -284,41 +310,36 @@ class SOLOv2PostProcessor:
         return top, index // num_classes, index % num_classes, top > self.score_thresh
 
     @staticmethod
-    def _pixels_inside(mask_extents, size, device) -> torch.Tensor:
-        """float32 [B, 1, H_m * W_m]: 1 for the mask pixels inside each image's extent, else 0."""
+    def _pixels_inside(mask_extents, size, device) -> Optional[torch.Tensor]:
+        """float32 [B, 1, H_m * W_m]: 1 for the mask pixels inside each image's extent, else 0;
+        None when every image covers the whole map."""
+        if all(tuple(e) == tuple(size) for e in mask_extents):
+            return None
         extents = torch.tensor(list(mask_extents), device=device).view(-1, 2, 1)
         rows = torch.arange(size[0], device=device) < extents[:, 0]  # [B, H_m]
         cols = torch.arange(size[1], device=device) < extents[:, 1]  # [B, W_m]
         return (rows[:, :, None] & cols[:, None, :]).flatten(1)[:, None].float()
 
-    def _chunk_probs(self, mask_features, kernels, cells, inside):
-        """Mask probabilities [B, n, H_m * W_m] of the candidates `cells` [B, K], `chunk_size`
-        candidates at a time; 0 outside each image's extent (`inside`, float [B, 1, H_m * W_m])."""
-        for start in range(0, cells.shape[1], self.chunk_size):
-            index = cells[:, start : start + self.chunk_size]
-            chunk = kernels.gather(1, index[..., None].expand(-1, -1, kernels.shape[2]))
-            yield dynamic_mask_logits(mask_features, chunk).flatten(2).sigmoid_().mul_(inside)
+    def _chunks(self, count: int) -> List[slice]:
+        """Slices of `chunk_size` candidates out of `count` (one, empty, if there is none)."""
+        return [slice(i, i + self.chunk_size) for i in range(0, max(count, 1), self.chunk_size)]
 
-    def _mask_sums(self, mask_features, kernels, cells, inside):
-        """Steps 3-5: float32 [B, K] binary mask areas and sums of probability over them."""
-        areas = [mask_features.new_zeros((cells.shape[0], 0))]
-        soft_sums = [mask_features.new_zeros((cells.shape[0], 0))]
-        for probs in self._chunk_probs(mask_features, kernels, cells, inside):
-            binary = probs > self.mask_thresh
-            areas.append(binary.sum(dim=2).float())
-            # Exact in float64 for thresholds >= 1/64 (probabilities above it are multiples of
-            # 2^-29; 2^24 of them need 53 bits), so a sum does not depend on the batch padding.
-            soft_sums.append((probs * binary).double().sum(dim=2).float())
-        return torch.cat(areas, dim=1), torch.cat(soft_sums, dim=1)
+    def _mask_probs(self, mask_features, kernels, cells, inside) -> torch.Tensor:
+        """Step 3: float32 [B, n, H_m * W_m] mask probabilities of the candidates `cells`
+        [B, n], 0 outside each image's extent (`inside`; None: every pixel is inside)."""
+        chunk = kernels.gather(1, cells[..., None].expand(-1, -1, kernels.shape[2]))
+        probs = dynamic_mask_logits(mask_features, chunk).flatten(2).sigmoid_()
+        return probs if inside is None else probs.mul_(inside)
 
-    def _mask_probs(self, mask_features, kernels, cells, inside, binary: bool) -> torch.Tensor:
-        """[B, K, H_m * W_m] mask probabilities of the candidates `cells` [B, K] (0 outside the
-        image's extent), or their binary masks (bool) if `binary`."""
-        dtype = torch.bool if binary else torch.float32
-        out = [mask_features.new_zeros((cells.shape[0], 0, inside.shape[2]), dtype=dtype)]
-        for probs in self._chunk_probs(mask_features, kernels, cells, inside):
-            out.append(probs > self.mask_thresh if binary else probs)
-        return torch.cat(out, dim=1)
+    def _top(self, ranked: "_Ranked", chunk: "_Ranked") -> "_Ranked":
+        """The top `pre_nms_topk` valid candidates of both, by descending score; ties keep
+        their order (those of `ranked` came first)."""
+        merged = _Ranked(*(torch.cat(pair, dim=1) for pair in zip(ranked, chunk)))
+        order = sort_descending(merged.scores, merged.valid)
+        if self.pre_nms_topk > 0:
+            order = order[:, : self.pre_nms_topk]
+        index = order[..., None].expand(-1, -1, merged.binary.shape[2])
+        return _Ranked(*(x.gather(1, order) for x in merged[:4]), merged.binary.gather(1, index))
 
     def paste(
         self, soft: torch.Tensor, image_size: Tuple[int, int], output_size: Tuple[int, int]

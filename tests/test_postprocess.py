@@ -163,11 +163,11 @@ def test_the_candidate_cap_is_off_by_default_and_changes_results_when_set():
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 100000])
 def test_chunk_size_does_not_change_results(chunk_size):
-    cate, kernels, feats = _head_outputs(2, seed=4, cate_shift=-1.0)
+    cate, kernels, feats = _head_outputs(2, seed=4, cate_shift=-4.0)
     sizes = [(128, 160), (90, 100)]
     expected = _run(_processor(), cate, kernels, feats, sizes)
     ours = _run(_processor(chunk_size=chunk_size), cate, kernels, feats, sizes)
-    assert sum(len(r) for r in ours) > 20
+    assert sum(len(r) for r in ours) > 10
     # Matrix products of other shapes may round differently (a single row is a matrix-vector
     # product): scores agree to float rounding, masks but for pixels at the threshold.
     for a, b in zip(ours, expected):
@@ -332,8 +332,8 @@ def test_masks_are_computed_only_for_candidates_above_the_threshold(monkeypatch)
     cate = [torch.full_like(c, -5.0) for c in cate]
     cate[2][1, 3, 5, 7] = 5.0
     _run(_processor(), cate, kernels, feats, [(128, 160)] * 2)
-    assert seen == [1, 1, 1]  # statistics, NMS masks, output masks
+    assert seen == [1, 1]  # scores (binary masks kept for the NMS), output masks
     seen.clear()
     cate[2][1, 3, 5, 7] = -5.0
     assert _counts(_run(_processor(), cate, kernels, feats, [(128, 160)] * 2)) == [0, 0]
-    assert seen == []
+    assert sum(seen) == 0
