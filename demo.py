@@ -27,7 +27,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from solov2_d2 import add_solov2_config
-from solov2_d2.engine import check_weights_are_local
+from solov2_d2.checks import check_weights_are_local
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -44,7 +44,7 @@ from detectron2.utils.logger import setup_logger
 
 from solov2_d2 import add_solov2_config
 from solov2_d2.distributed import create_ddp_model, launch
-from solov2_d2.engine import check_amp_device, check_weights_are_local
+from solov2_d2.checks import check_amp_device, check_weights_are_local
 
 
 class Trainer(DefaultTrainer):

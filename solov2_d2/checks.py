@@ -1,4 +1,5 @@
-"""Checks that a config can run on this machine, made before anything is built or loaded.
+"""Checks made before anything is built, loaded or run, so that a bad setting or input fails at
+once with a message naming it instead of late or deep inside torch.
 
 * Weights are never downloaded: detectron2 would fetch a URL, ``detectron2://`` or
   ``catalog://`` path in ``MODEL.WEIGHTS`` at load time, which hangs or fails late without
@@ -7,8 +8,7 @@
   gradient scaling, CUDA only. :func:`check_amp_device` rejects it for other devices instead of
   letting the first training step fail. CPU bfloat16 autocast is not offered: torchvision's
   ``deform_conv2d`` has neither a CPU autocast rule nor a bfloat16 CPU kernel, so the DCN
-  variants fail under it, and a training step of the fruit config took 2.6x longer under it
-  than in float32 on the 2-core AVX-512 machine this project was developed on.
+  variants would fail under it.
 """
 import os
 
