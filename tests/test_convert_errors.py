@@ -211,3 +211,15 @@ def test_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     path.write_text("not a checkpoint")
     with pytest.raises(ConversionError, match="Cannot read .*notes.pth as a PyTorch checkpoint"):
         convert_checkpoint(str(path), str(tmp_path / "out.pth"))
+
+
+def test_cli_refuses_to_overwrite_its_source(light_r18_file, tmp_path, capsys):
+    src, _ = light_r18_file
+    before = src.read_bytes()
+    link = tmp_path / "same.pth"
+    link.symlink_to(src)
+    for dst in (src, link):
+        assert main([str(src), str(dst), "--from", "mmdet"]) == 1
+        assert f"{dst} is the source checkpoint {src}" in capsys.readouterr().err
+    assert src.read_bytes() == before
+    assert not src.with_suffix(".yaml").exists()
