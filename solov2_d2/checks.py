@@ -9,15 +9,25 @@ once with a message naming it instead of late or deep inside torch.
   letting the first training step fail. CPU bfloat16 autocast is not offered: torchvision's
   ``deform_conv2d`` has neither a CPU autocast rule nor a bfloat16 CPU kernel, so the DCN
   variants would fail under it.
+* Inputs of the model: :func:`instances_with_masks` gives images without annotations the empty
+  masks detectron2's ``DatasetMapper`` leaves out; :func:`check_finite_image` refuses NaN and
+  infinite pixels, which would silently give no detection.
 """
 import os
 
 import torch
 
 from detectron2.checkpoint.catalog import ModelCatalog
+from detectron2.structures import BitMasks, Instances
 from detectron2.utils.file_io import Detectron2Handler
 
-__all__ = ["check_weights_are_local", "check_amp_device", "weights_download_url"]
+__all__ = [
+    "check_amp_device",
+    "check_finite_image",
+    "check_weights_are_local",
+    "instances_with_masks",
+    "weights_download_url",
+]
 
 _TORCHVISION_HOST = "download.pytorch.org"
 
@@ -71,4 +81,38 @@ def check_amp_device(cfg) -> None:
             f"AMPTrainer (float16 autocast with gradient scaling), which runs on CUDA only; "
             f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}. Set SOLVER.AMP.ENABLED False to train on "
             f"{device}."
+        )
+
+
+def instances_with_masks(instances: Instances) -> Instances:
+    """``instances`` (ground truth of one training image) with ``gt_masks``.
+
+    Detectron2's ``DatasetMapper`` gives an image without annotations (kept with
+    ``DATALOADER.FILTER_EMPTY_ANNOTATIONS False``) no ``gt_masks``: it gets an empty
+    ``BitMasks`` [0, H, W], so that it trains as an image of background. Raise ValueError when
+    there are instances but no masks.
+    """
+    if instances.has("gt_masks"):
+        return instances
+    if len(instances) > 0:
+        raise ValueError(
+            "SOLOv2 training needs instance masks: set MODEL.MASK_ON True so that "
+            "DatasetMapper keeps the 'segmentation' of each annotation."
+        )
+    empty = torch.zeros((0, *instances.image_size), dtype=torch.bool)
+    instances.gt_masks = BitMasks(empty.to(instances.gt_classes.device))
+    return instances
+
+
+def check_finite_image(image: torch.Tensor, index: int) -> None:
+    """Raise ValueError when a float image [C, H, W] (input ``index`` of a batch) holds NaN or
+    infinite values: the network would spread them into NaN scores and return no detection."""
+    if not image.is_floating_point():
+        return
+    finite = torch.isfinite(image)
+    if not finite.all():
+        raise ValueError(
+            f"Input {index}: image of shape {tuple(image.shape)} has "
+            f"{int(finite.numel() - finite.sum())} non-finite values (NaN or inf); replace "
+            "them first (e.g. np.nan_to_num) or drop the image."
         )
