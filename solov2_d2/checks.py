@@ -104,15 +104,16 @@ def instances_with_masks(instances: Instances) -> Instances:
     return instances
 
 
-def check_finite_image(image: torch.Tensor, index: int) -> None:
-    """Raise ValueError when a float image [C, H, W] (input ``index`` of a batch) holds NaN or
-    infinite values: the network would spread them into NaN scores and return no detection."""
+def check_finite_image(image: torch.Tensor, what: str) -> None:
+    """Raise ValueError when a float image (`what`, e.g. "Input 0", names it in the message)
+    holds NaN or infinite values: the network would spread them into NaN scores and return no
+    detection, silently."""
     if not image.is_floating_point():
         return
     finite = torch.isfinite(image)
     if not finite.all():
         raise ValueError(
-            f"Input {index}: image of shape {tuple(image.shape)} has "
+            f"{what}: image of shape {tuple(image.shape)} has "
             f"{int(finite.numel() - finite.sum())} non-finite values (NaN or inf); replace "
             "them first (e.g. np.nan_to_num) or drop the image."
         )

@@ -205,7 +205,7 @@ class SOLOv2(nn.Module):
         images = []
         for i, x in enumerate(batched_inputs):
             image = x["image"].to(self.device)
-            check_finite_image(image, i)
+            check_finite_image(image, f"Input {i}")
             channels = self.pixel_mean.shape[0]
             if image.dim() != 3 or image.shape[0] not in (1, channels):
                 raise ValueError(
