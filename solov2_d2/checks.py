@@ -9,6 +9,9 @@ once with a message naming it instead of late or deep inside torch.
   letting the first training step fail. CPU bfloat16 autocast is not offered: torchvision's
   ``deform_conv2d`` has neither a CPU autocast rule nor a bfloat16 CPU kernel, so the DCN
   variants would fail under it.
+* ``MODEL.SOLOV2.NUM_CLASSES`` must be the number of classes of the datasets trained or
+  evaluated on: :func:`check_dataset_classes`. Fewer would train the others as background (or
+  fail with an index error); more would give predictions the evaluator cannot map.
 * Inputs of the model: :func:`instances_with_masks` gives images without annotations the empty
   masks detectron2's ``DatasetMapper`` leaves out; :func:`check_finite_image` refuses NaN and
   infinite pixels, which would silently give no detection.
@@ -18,11 +21,13 @@ import os
 import torch
 
 from detectron2.checkpoint.catalog import ModelCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.structures import BitMasks, Instances
 from detectron2.utils.file_io import Detectron2Handler
 
 __all__ = [
     "check_amp_device",
+    "check_dataset_classes",
     "check_finite_image",
     "check_weights_are_local",
     "instances_with_masks",
@@ -82,6 +87,20 @@ def check_amp_device(cfg) -> None:
             f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}. Set SOLVER.AMP.ENABLED False to train on "
             f"{device}."
         )
+
+
+def check_dataset_classes(num_classes: int, dataset_names) -> None:
+    """Raise ValueError when a registered dataset's ``thing_classes`` (its metadata) are not
+    `num_classes` (``MODEL.SOLOV2.NUM_CLASSES``); datasets without that metadata pass."""
+    for name in dataset_names:
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != num_classes:
+            shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+            raise ValueError(
+                f"MODEL.SOLOV2.NUM_CLASSES is {num_classes}, but dataset {name!r} has "
+                f"{len(classes)} classes ({shown}): set MODEL.SOLOV2.NUM_CLASSES "
+                f"{len(classes)} (with weights trained for {len(classes)} classes to evaluate)."
+            )
 
 
 def instances_with_masks(instances: Instances) -> Instances:
