@@ -71,3 +71,23 @@ def test_the_seed_is_in_the_state_and_makes_the_stream():
     assert first.state_dict() != second.state_dict()
     second.load_state_dict(first.state_dict())
     assert _batches(second, 1, 2) == _batches(first, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "sampler", ["TrainingSampler", "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler"]
+)
+def test_detectron2_samplers_give_a_stream_fixed_by_the_seed(sampler):
+    cfg = _cfg()
+    cfg.DATALOADER.SAMPLER_TRAIN = sampler
+    cfg.DATALOADER.RANDOM_SUBSET_RATIO = 0.5
+    streams = [
+        list(itertools.islice(build_resumable_train_loader(cfg).index_batches(), 20))
+        for _ in range(2)
+    ]
+    assert streams[0] == streams[1]
+    cfg.SEED = 4
+    assert list(itertools.islice(build_resumable_train_loader(cfg).index_batches(), 20)) != (
+        streams[0]
+    )
+    indices = {i for batch in streams[0] for _, i in batch}
+    assert len(indices) == (7 if sampler == "RandomSubsetTrainingSampler" else 14)

@@ -44,22 +44,25 @@ __all__ = ["ResumableTrainLoader", "build_resumable_train_loader"]
 logger = logging.getLogger(__name__)
 
 
-def _build_sampler(cfg, dataset_dicts, seed: int):
-    """Detectron2's training sampler named by ``DATALOADER.SAMPLER_TRAIN``, seeded with `seed`."""
+def _random_subset_sampler(size: int, ratio: float, *, seed: int):
+    return RandomSubsetTrainingSampler(size, ratio, seed_shuffle=seed, seed_subset=seed)
+
+
+def _sampler_builder(cfg, dataset_dicts) -> Callable[..., torchdata.Sampler]:
+    """``build(seed=...)`` for detectron2's training sampler named by
+    ``DATALOADER.SAMPLER_TRAIN``; it holds sizes and repeat factors, not the dataset dicts
+    (which each DataLoader worker would otherwise copy)."""
     name = cfg.DATALOADER.SAMPLER_TRAIN
     if name == "TrainingSampler":
-        return TrainingSampler(len(dataset_dicts), seed=seed)
+        return functools.partial(TrainingSampler, len(dataset_dicts))
     if name == "RepeatFactorTrainingSampler":
         factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
             dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD
         )
-        return RepeatFactorTrainingSampler(factors, seed=seed)
+        return functools.partial(RepeatFactorTrainingSampler, factors)
     if name == "RandomSubsetTrainingSampler":
-        return RandomSubsetTrainingSampler(
-            len(dataset_dicts),
-            cfg.DATALOADER.RANDOM_SUBSET_RATIO,
-            seed_shuffle=seed,
-            seed_subset=seed,
+        return functools.partial(
+            _random_subset_sampler, len(dataset_dicts), cfg.DATALOADER.RANDOM_SUBSET_RATIO
         )
     raise ValueError(
         f"DATALOADER.SAMPLER_TRAIN = {name!r}; expected 'TrainingSampler', "
@@ -75,7 +78,7 @@ def _loader_from_config(cfg, mapper=None):
     seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
     return {
         "dataset": dataset,
-        "build_sampler": functools.partial(_build_sampler, cfg, dataset),
+        "build_sampler": _sampler_builder(cfg, dataset),
         "mapper": SOLOv2DatasetMapper(cfg, True) if mapper is None else mapper,
         "seed": seed,
         "total_batch_size": cfg.SOLVER.IMS_PER_BATCH,
