@@ -1,10 +1,20 @@
 """SOLOv2DatasetMapper: an image that cannot be read stops training with an error naming it."""
 import pytest
+import torch
 from conftest import copy_fruit, small_solov2_cfg
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+)
 
-from solov2_d2.data import build_resumable_train_loader, register_labelme_instances
+from solov2_d2.data import (
+    SOLOv2DatasetMapper,
+    build_resumable_train_loader,
+    register_labelme_instances,
+)
 from solov2_d2.data.datasets import FRUIT_CLASSES
 
 
@@ -31,3 +41,20 @@ def test_truncated_image_is_named_when_training(truncated_fruit, num_workers):
     message = f"Cannot load {truncated_fruit}: OSError: image file is truncated"
     with pytest.raises(RuntimeError, match=message):
         next(iter(build_resumable_train_loader(cfg)))
+
+
+def test_truncated_image_is_named_when_evaluating(truncated_fruit):
+    """The evaluation path: detectron2's test loader with this mapper (as train_net.py builds
+    it); the readable photo maps as detectron2's DatasetMapper maps it."""
+    cfg = small_solov2_cfg()
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 96
+    cfg.DATALOADER.NUM_WORKERS = 0
+    loader = build_detection_test_loader(
+        cfg, "fruit_truncated", mapper=SOLOv2DatasetMapper(cfg, False)
+    )
+    batches = iter(loader)
+    (readable,) = next(batches)
+    expected = DatasetMapper(cfg, False)(DatasetCatalog.get("fruit_truncated")[0])
+    assert torch.equal(readable["image"], expected["image"])
+    with pytest.raises(RuntimeError, match=f"Cannot load {truncated_fruit}: OSError"):
+        next(batches)
