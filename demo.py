@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """
 Run a trained SOLOv2 model on images and write pictures of its predictions (masks, classes,
-scores), one per input image, with the input's file name and size.
+scores), one per input image, with the input's file name and size. An image that cannot be read
+is reported and skipped; the exit status is then 1.
 
 Example:
 
@@ -12,6 +13,7 @@ Example:
 import argparse
 import glob
 import os
+import sys
 
 import cv2
 import tqdm
@@ -22,12 +24,12 @@ import solov2_d2  # noqa: F401  # isort: split
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from solov2_d2 import add_solov2_config
-from solov2_d2.engine import check_weights_are_local
+from solov2_d2.checks import check_weights_are_local
+from solov2_d2.predictor import SOLOv2Predictor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -98,15 +100,22 @@ def get_parser():
 
 
 def main(args):
+    """Returns, per input image, the path of its picture, or None where the image could not be
+    read (logged, and the others are done)."""
     logger = setup_logger(name="solov2_demo")
     cfg = setup_cfg(args)
     files = list_images(args.input)
-    predictor = DefaultPredictor(cfg)
+    predictor = SOLOv2Predictor(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     os.makedirs(args.output, exist_ok=True)
     outputs = []
     for path in tqdm.tqdm(files, disable=len(files) == 1):
-        image = read_image(path, format="BGR")
+        try:
+            image = read_image(path, format="BGR")
+        except OSError as e:  # PIL's errors (truncated, not an image) do not name the file
+            logger.error(f"{path}: skipped, cannot read it: {e}")
+            outputs.append(None)
+            continue
         instances = predictor(image)["instances"].to("cpu")
         picture = draw_predictions(image, instances, metadata, args.confidence_threshold)
         out_path = os.path.join(args.output, os.path.basename(path))
@@ -114,8 +123,11 @@ def main(args):
         shown = int((instances.scores >= args.confidence_threshold).sum())
         logger.info(f"{path}: {len(instances)} instances, {shown} drawn -> {out_path}")
         outputs.append(out_path)
+    failed = [path for path, out in zip(files, outputs) if out is None]
+    if failed:
+        logger.error(f"{len(failed)} of {len(files)} images could not be read: {failed}")
     return outputs
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    sys.exit(1 if None in main(get_parser().parse_args()) else 0)

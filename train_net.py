@@ -14,7 +14,12 @@ Examples:
     python train_net.py --config-file configs/fruit/SOLOv2_R18_fruit.yaml --num-cpu-processes 2
 
 Evaluation picks detectron2's evaluator from the test dataset's metadata `evaluator_type`:
-"coco" (COCOEvaluator, mask and box AP) or "lvis" (LVISEvaluator).
+"coco" (COCOEvaluator, mask and box AP) or "lvis" (LVISEvaluator). `--eval-only` refuses
+weights that leave part of the model at its random initialisation (empty MODEL.WEIGHTS, a
+checkpoint of another config) unless `--eval-incomplete-weights` is given.
+
+A resumed run (`--resume`) trains on the same batches as the uninterrupted run would have (see
+solov2_d2.data.train_loader), so its weights are the same.
 """
 import json
 import logging
@@ -27,9 +32,8 @@ import torch
 import solov2_d2  # noqa: F401  # isort: split
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -43,21 +47,26 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 from solov2_d2 import add_solov2_config
+from solov2_d2.checkpoint import SOLOv2Checkpointer
+from solov2_d2.checks import check_amp_device, check_dataset_classes, check_weights_are_local
+from solov2_d2.data import SOLOv2DatasetMapper, build_resumable_train_loader
 from solov2_d2.distributed import create_ddp_model, launch
-from solov2_d2.engine import check_amp_device, check_weights_are_local
 
 
 class Trainer(DefaultTrainer):
     """
     Detectron2's DefaultTrainer (SGD, LR schedule, gradient clipping from
     ``SOLVER.CLIP_GRADIENTS``, checkpoints, periodic evaluation with ``TEST.EVAL_PERIOD``,
-    console/JSON/TensorBoard writers, AMP with ``SOLVER.AMP.ENABLED``), with SOLOv2's evaluators
-    and DistributedDataParallel that also works for CPU processes.
+    console/JSON/TensorBoard writers, AMP with ``SOLVER.AMP.ENABLED``), with SOLOv2's evaluators,
+    DistributedDataParallel that also works for CPU processes, a training data stream that a
+    resumed run continues exactly, data errors that name the image and checkpoint errors that
+    name the file.
     """
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__, except that the model is wrapped by solov2_d2's
-        # create_ddp_model: detectron2's passes `device_ids`, which DDP refuses for CPU modules.
+        # DefaultTrainer.__init__ with solov2_d2's create_ddp_model and checkpointer: it offers
+        # no hook for either (detectron2's create_ddp_model passes `device_ids`, which DDP
+        # refuses for CPU modules).
         TrainerBase.__init__(self)
         logger = logging.getLogger("detectron2")
         if not logger.isEnabledFor(logging.INFO):  # setup_logger is not called for d2
@@ -73,13 +82,46 @@ class Trainer(DefaultTrainer):
             model, data_loader, optimizer
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
+        self.checkpointer = SOLOv2Checkpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume=True):
+        """detectron2's, and the data stream skips the batches of the iterations done."""
+        super().resume_or_load(resume)
+        self._trainer.data_loader.start_batch = self.start_iter
+
+    def state_dict(self):
+        """detectron2 0.6's (iteration, hooks: the LR scheduler), plus what else determines the
+        rest of the run: the optimizer's state (momentum; AMP's grad scaler) under the key of
+        later detectron2 versions, and the data stream's seed."""
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        ret["data_loader"] = self._trainer.data_loader.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # Both are absent from checkpoints written before they were saved.
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        if "data_loader" in state_dict:
+            self._trainer.data_loader.load_state_dict(state_dict["data_loader"])
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Batches that depend only on (seed, iteration): see
+        :func:`solov2_d2.data.build_resumable_train_loader`."""
+        return build_resumable_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's test loader with a mapper whose errors name the image."""
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=SOLOv2DatasetMapper(cfg, False)
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -125,6 +167,9 @@ def setup(args):
     check_weights_are_local(cfg.MODEL.WEIGHTS)
     if not args.eval_only:
         check_amp_device(cfg)
+    # Training ends with an evaluation on DATASETS.TEST.
+    datasets = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
+    check_dataset_classes(cfg.MODEL.SOLOV2.NUM_CLASSES, datasets)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -135,9 +180,9 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        SOLOv2Checkpointer(
+            model, save_dir=cfg.OUTPUT_DIR, require_complete=not args.eval_incomplete_weights
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -149,7 +194,7 @@ def main(args):
 
 
 def argument_parser():
-    """detectron2's default arguments, plus --num-cpu-processes."""
+    """detectron2's default arguments, plus --num-cpu-processes and --eval-incomplete-weights."""
     parser = default_argument_parser()
     parser.add_argument(
         "--num-cpu-processes",
@@ -157,6 +202,12 @@ def argument_parser():
         default=0,
         help="number of CPU processes per machine for distributed training with the gloo "
         "backend (needs MODEL.DEVICE cpu); --num-gpus is ignored when this is set",
+    )
+    parser.add_argument(
+        "--eval-incomplete-weights",
+        action="store_true",
+        help="with --eval-only: evaluate even if MODEL.WEIGHTS is empty or leaves some of the "
+        "model's parameters at their random initialisation (refused otherwise)",
     )
     return parser
 

@@ -110,3 +110,35 @@ def check_solov2_config(cfg):
         raise ValueError(
             f"MODEL.SOLOV2.MASK_THRESH_TEST = {c.MASK_THRESH_TEST}; expected a value in [0, 1)."
         )
+    if c.NUM_CLASSES < 1:
+        raise ValueError(f"MODEL.SOLOV2.NUM_CLASSES = {c.NUM_CLASSES}; expected at least 1.")
+    if any(s < 1 for s in c.NUM_GRIDS):
+        raise ValueError(
+            f"MODEL.SOLOV2.NUM_GRIDS = {list(c.NUM_GRIDS)}; every grid needs at least 1 cell."
+        )
+    # Matrix NMS would cut nothing with MAX_PER_IMAGE_TEST <= 0, and a gaussian sigma <= 0 turns
+    # suppression off (or into a boost): both silently change the results.
+    if c.MAX_PER_IMAGE_TEST < 1:
+        raise ValueError(
+            f"MODEL.SOLOV2.MAX_PER_IMAGE_TEST = {c.MAX_PER_IMAGE_TEST}; expected at least 1 "
+            "(the number of detections kept per image)."
+        )
+    if not c.NMS_SIGMA > 0:
+        raise ValueError(f"MODEL.SOLOV2.NMS_SIGMA = {c.NMS_SIGMA}; expected a value > 0.")
+    # Formats of detectron2's read_image with 3 channels, or "L": 1 channel, replicated to the 3
+    # of PIXEL_MEAN or normalised on its own with a 1-value PIXEL_MEAN.
+    channels_of_format = {"BGR": (3,), "RGB": (3,), "YUV-BT.601": (3,), "L": (1, 3)}
+    fmt, mean, std = cfg.INPUT.FORMAT, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD
+    if fmt not in channels_of_format:
+        raise ValueError(f"INPUT.FORMAT = {fmt!r}; expected one of {sorted(channels_of_format)}.")
+    if len(mean) not in channels_of_format[fmt]:
+        raise ValueError(
+            f"MODEL.PIXEL_MEAN = {list(mean)} has {len(mean)} values, but INPUT.FORMAT {fmt!r} "
+            f"images have {' or '.join(map(str, channels_of_format[fmt]))} channels: give "
+            "one value per channel."
+        )
+    if len(std) != len(mean) or not all(s > 0 for s in std):
+        raise ValueError(
+            f"MODEL.PIXEL_STD = {list(std)}; expected {len(mean)} values > 0, one per value "
+            f"of MODEL.PIXEL_MEAN = {list(mean)}."
+        )

@@ -9,6 +9,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList, Instances
 
+from .checks import check_finite_image, instances_with_masks
 from .config import check_solov2_config
 from .heads import SOLOv2InstanceHead, SOLOv2MaskHead, dynamic_mask_logits, flatten_levels
 from .losses import category_focal_loss, dice_loss
@@ -152,7 +153,7 @@ class SOLOv2(nn.Module):
             batched_inputs: per image, a dict as produced by detectron2's `DatasetMapper`:
                 "image": uint8/float [C, H, W] in the model's input format; in training
                 "instances" with `gt_boxes`, `gt_classes` and `gt_masks` (polygons or
-                bitmasks); optional "height", "width": the output size in inference.
+                bitmasks; an image without instances may lack them); optional "height", "width": the output size in inference.
         Returns:
             training: dict of scalar losses; inference: list of {"instances": Instances}.
         """
@@ -164,12 +165,9 @@ class SOLOv2(nn.Module):
             self.preprocess_image(batched_inputs), self.backbone.size_divisibility
         )
         cate_logits, kernels, mask_features = self.network(images.tensor)
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        if not all(x.has("gt_masks") for x in gt_instances):
-            raise ValueError(
-                "SOLOv2 training needs instance masks: set MODEL.MASK_ON True so that "
-                "DatasetMapper keeps the 'segmentation' of each annotation."
-            )
+        gt_instances = [
+            instances_with_masks(x["instances"].to(self.device)) for x in batched_inputs
+        ]
         return self.losses(
             cate_logits, kernels, mask_features, gt_instances, images.tensor.shape[-2:]
         )
@@ -210,6 +208,7 @@ class SOLOv2(nn.Module):
         images = []
         for i, x in enumerate(batched_inputs):
             image = x["image"].to(self.device)
+            check_finite_image(image, f"Input {i}")
             channels = self.pixel_mean.shape[0]
             if image.dim() != 3 or image.shape[0] not in (1, channels):
                 raise ValueError(

@@ -1,5 +1,7 @@
 # solov2_d2 must be imported before any detectron2 module: it bridges a detectron2 installed
 # without compiled ops (solov2_d2.compat).
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ pytest_plugins = ["convert_fixtures"]
 REPO = Path(__file__).resolve().parents[1]
 # The shared data and reference files beside the repository (CI has them there too).
 SHARED = REPO.parent / "shared"
+FRUIT = SHARED / "data" / "fruit"
 
 
 def register_shared_coco_mini():
@@ -74,3 +77,16 @@ def small_solov2_cfg(num_classes: int = 3, depth: int = 18):
 @pytest.fixture
 def small_cfg():
     return small_solov2_cfg()
+
+
+def copy_fruit(folder: Path, stems, without_shapes=()) -> Path:
+    """A labelme folder with copies of the fruit photos and JSON files `stems` (e.g. ["0", "1"]);
+    the JSON files of `without_shapes` get an empty `shapes` list (images without instances)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem in stems:
+        shutil.copyfile(FRUIT / f"{stem}.jpg", folder / f"{stem}.jpg")
+        data = json.loads((FRUIT / f"{stem}.json").read_text())
+        if stem in without_shapes:
+            data["shapes"] = []
+        (folder / f"{stem}.json").write_text(json.dumps(data))
+    return folder

@@ -27,3 +27,15 @@ def test_cli_converts_and_prints_the_config(light_r18_file, tmp_path, capsys):
     # The written config runs as it is, on the repository's variant config.
     loaded = load_strictly(empty_model(cfg_from_yaml(config_path)), dst)
     assert torch.equal(loaded["ins_head.cate_pred.weight"], source_sd["mask_head.conv_cls.weight"])
+
+
+def test_cli_refuses_to_overwrite_its_source(light_r18_file, tmp_path, capsys):
+    src, _ = light_r18_file
+    before = src.read_bytes()
+    link = tmp_path / "same.pth"
+    link.symlink_to(src)
+    for dst in (src, link):
+        assert main([str(src), str(dst), "--from", "mmdet"]) == 1
+        assert f"{dst} is the source checkpoint {src}" in capsys.readouterr().err
+    assert src.read_bytes() == before
+    assert not src.with_suffix(".yaml").exists()

@@ -6,7 +6,7 @@ import solov2_d2  # noqa: F401  # isort: split
 import cv2
 import numpy as np
 import pytest
-from conftest import FRUIT_CONFIG, REPO, TINY
+from conftest import FRUIT_CONFIG, REPO, TINY, copy_fruit
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
@@ -65,3 +65,18 @@ def test_demo_needs_local_trained_weights():
         )
         with pytest.raises(ValueError, match=message):
             demo.setup_cfg(args)
+
+
+def test_an_unreadable_image_is_reported_and_the_others_are_drawn(weights, tmp_path, caplog):
+    folder = copy_fruit(tmp_path / "photos", ["14", "15"])
+    truncated = folder / "14.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    out = tmp_path / "out"
+    args = demo.get_parser().parse_args(
+        ["--config-file", FRUIT_CONFIG, "--input", str(folder), "--output", str(out)]
+        + ["--opts", "MODEL.WEIGHTS", weights]
+        + TINY
+    )
+    assert demo.main(args) == [None, str(out / "15.jpg")]
+    assert f"{truncated}: skipped, cannot read it: image file is truncated" in caplog.text
+    assert cv2.imread(str(out / "15.jpg")).shape == (600, 800, 3)

@@ -9,7 +9,7 @@ from PIL import Image
 import solov2_d2  # noqa: F401  (before detectron2: installs the compatibility bridge)
 
 # isort: split
-from detectron2.structures import BoxMode
+from detectron2.structures import BoxMode, polygons_to_bitmask
 
 from solov2_d2.data import get_labelme_class_names, load_labelme_instances
 
@@ -253,3 +253,20 @@ def test_natural_order_and_files(tmp_path):
     assert [os.path.basename(d["file_name"]) for d in records] == ["1.jpg", "2.jpg", "10.jpg"]
     records = load_labelme_instances(str(tmp_path), files=["10.json", "2"])
     assert [d["image_id"] for d in records] == [1, 2]
+
+
+def test_self_intersecting_polygon_is_kept_by_its_pixel_area(tmp_path, caplog):
+    """A bow-tie's signed areas cancel (shoelace area 0), but it covers 20,000 px²."""
+    bow_tie = [[20.0, 20.0], [270.0, 180.0], [270.0, 20.0], [20.0, 180.0]]
+    _write(
+        tmp_path,
+        shapes=[{"label": "a", "points": bow_tie}],
+        image_size=(300, 200),
+        imageWidth=300,
+        imageHeight=200,
+    )
+    (a,) = _load_one(tmp_path)["annotations"]
+    assert a["segmentation"] == [[c for p in bow_tie for c in p]]
+    mask = polygons_to_bitmask(a["segmentation"], 200, 300)
+    assert mask.sum() == pytest.approx(20_000, rel=0.02)
+    assert caplog.text == ""

@@ -1,14 +1,23 @@
 """train_net.py on the fruit data: training, checkpoints, resuming, evaluation, refusals."""
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 
 import solov2_d2  # noqa: F401  # isort: split
 
 import pytest
 import torch
 from conftest import FRUIT_CONFIG, REPO, tiny_fruit_argv
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from solov2_d2 import add_solov2_config
+from solov2_d2.checkpoint import IncompleteWeightsError
 
 sys.path.insert(0, str(REPO))
 import train_net  # noqa: E402
@@ -40,7 +49,12 @@ def test_training_writes_finite_losses_a_checkpoint_and_evaluation(trained):
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
     checkpoint = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
     assert checkpoint["iteration"] == 1
-    assert {"model", "trainer"} <= set(checkpoint)  # trainer: optimizer, scheduler
+    assert {"model", "trainer"} <= set(checkpoint)
+    # What determines the rest of a resumed run: optimizer, LR scheduler, data stream.
+    optimizer_state = checkpoint["trainer"]["_trainer"]["optimizer"]["state"]
+    assert "momentum_buffer" in next(iter(optimizer_state.values()))
+    assert "LRScheduler" in checkpoint["trainer"]["hooks"]
+    assert checkpoint["trainer"]["data_loader"] == {"seed": 0}
     # COCO-style mask and box AP of the evaluation at the end of training.
     assert {"segm", "bbox"} <= set(results)
     assert {"AP", "AP50", "AP75"} <= set(results["segm"])
@@ -124,3 +138,93 @@ def test_cpu_processes_need_the_cpu_device(tmp_path):
     args.num_cpu_processes = 2
     with pytest.raises(ValueError, match="--num-cpu-processes.*MODEL.DEVICE cpu"):
         train_net.setup(args)
+
+
+def _final_weights(output_dir):
+    path = output_dir / "model_final.pth"
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("num_workers", ["0", "2"])
+def test_a_killed_run_resumes_to_the_weights_of_the_uninterrupted_run(tmp_path, num_workers):
+    """SIGKILL after the first checkpoint, --resume: the final weights are bit-identical to
+    those of a run that was never stopped (same seed), with random resizing and flipping."""
+    opts = [
+        "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()",
+        "DATALOADER.NUM_WORKERS", num_workers,
+        "INPUT.MIN_SIZE_TRAIN", "(96, 128)", "INPUT.RANDOM_FLIP", "horizontal",
+    ]  # fmt: skip
+    train_net.main(_args(tmp_path / "uninterrupted", *opts))
+
+    killed = tmp_path / "killed"
+    argv = ["--config-file", FRUIT_CONFIG] + TINY + ["OUTPUT_DIR", str(killed)] + opts
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train_net.py"), *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = killed / "last_checkpoint"
+    deadline = time.monotonic() + 300
+    try:
+        while not (last.exists() and last.read_text().strip() == "model_0000001.pth"):
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (killed / "model_final.pth").exists()
+
+    train_net.main(_args(killed, *opts, resume=True))
+    expected, resumed = _final_weights(tmp_path / "uninterrupted"), _final_weights(killed)
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(resumed[k], v) for k, v in expected.items())
+
+
+def test_garbled_last_checkpoint_is_named(tmp_path):
+    (tmp_path / "last_checkpoint").write_bytes(os.urandom(32) + b"\xff")
+    args = _args(tmp_path, "SOLVER.MAX_ITER", "4", resume=True)
+    trainer = train_net.Trainer(train_net.setup(args))
+    with pytest.raises(ValueError, match=f"{tmp_path}/last_checkpoint must hold the file name"):
+        trainer.resume_or_load(resume=True)
+
+
+@pytest.mark.parametrize(
+    "opts, eval_only, message",
+    [
+        (["MODEL.SOLOV2.NUM_CLASSES", "1"], False,
+         "NUM_CLASSES is 1, but dataset 'fruit_train' has 3 classes"),
+        (["MODEL.SOLOV2.NUM_CLASSES", "80", "DATASETS.TRAIN", "('coco_mini_train',)"], False,
+         "NUM_CLASSES is 80, but dataset 'fruit_val' has 3 classes"),
+        (["DATASETS.TEST", "('coco_mini_val',)"], True,
+         "NUM_CLASSES is 3, but dataset 'coco_mini_val' has 80 classes"),
+    ],
+)  # fmt: skip
+def test_num_classes_must_match_the_datasets(tmp_path, opts, eval_only, message):
+    with pytest.raises(ValueError, match=message):
+        train_net.main(_args(tmp_path, *opts, eval_only=eval_only))
+    assert not (tmp_path / "config.yaml").exists()  # refused before any setup
+
+
+def test_eval_only_refuses_a_random_model_unless_asked(tmp_path):
+    with pytest.raises(IncompleteWeightsError, match="MODEL.WEIGHTS is empty"):
+        train_net.main(_args(tmp_path / "refused", eval_only=True))
+    args = _args(tmp_path / "asked", eval_only=True)
+    args.eval_incomplete_weights = True
+    assert {"segm", "bbox"} <= set(train_net.main(args))
+
+
+def test_eval_only_refuses_weights_that_do_not_fit(tmp_path):
+    cfg = get_cfg()
+    add_solov2_config(cfg)
+    cfg.merge_from_file(FRUIT_CONFIG)
+    cfg.merge_from_list(TINY + ["MODEL.SOLOV2.NUM_CLASSES", "2"])
+    DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("two_classes")
+    weights = str(tmp_path / "two_classes.pth")
+    with pytest.raises(IncompleteWeightsError, match=f"{weights} does not fit the model") as e:
+        train_net.main(_args(tmp_path / "out", "MODEL.WEIGHTS", weights, eval_only=True))
+    assert "ins_head.cate_pred.weight ([3, 64, 3, 3] in the model, [2, 64, 3, 3]" in str(e.value)
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=f"Cannot read {tmp_path}/notes.pth as a checkpoint"):
+        train_net.main(_args(tmp_path / "out", "MODEL.WEIGHTS", str(tmp_path / "notes.pth"),
+                             eval_only=True))

@@ -211,6 +211,13 @@ def convert_checkpoint(
     config_path = os.path.splitext(dst)[0] + ".yaml"
     if os.path.abspath(config_path) == os.path.abspath(dst):
         raise ConversionError(f"{dst} would be overwritten by its config: name it *.pth.")
+    for written in (dst, config_path):
+        # samefile also catches another name (link, relative path) for the source.
+        if os.path.isfile(src) and os.path.exists(written) and os.path.samefile(src, written):
+            raise ConversionError(
+                f"{written} is the source checkpoint {src}: converting would overwrite it. "
+                "Write the converted checkpoint to another file."
+            )
     result = convert_state_dict(load_state_dict(src), source, config)
 
     base = os.path.abspath(os.path.join(configs_dir or CONFIGS_DIR, result.base_config))

@@ -14,7 +14,8 @@ Errors in the files are never passed on as data:
   the given class list, `imageHeight`/`imageWidth` that disagree with the image;
 * skip the shape, with a warning: an unsupported shape type, a polygon with fewer than 3 points,
   a rectangle without exactly 2 points, a point more than 1 pixel outside the image, a polygon
-  of zero area;
+  that covers no pixel (judged by its rasterised area, as training rasterises it, so a
+  self-intersecting polygon whose signed areas cancel is kept);
 * fix silently: points at most 1 pixel outside the image (clicks on its border) are moved onto it.
 """
 import json
@@ -23,6 +24,7 @@ import os
 import re
 
 from PIL import Image
+from pycocotools import mask as mask_util
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
@@ -37,8 +39,6 @@ _AREA_SHAPE_TYPES = ("polygon", "rectangle")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # labelme lets a click on the image border land slightly outside the image.
 _BORDER_TOLERANCE = 1.0
-# Float round-off gives collinear points a tiny non-zero area.
-_MIN_POLYGON_AREA = 1e-6
 _EXIF_ORIENTATION_TAG = 0x0112
 # EXIF orientations that transpose or rotate by 90 degrees, i.e. swap width and height.
 _EXIF_SWAPS_AXES = (5, 6, 7, 8)
@@ -207,10 +207,10 @@ def _check_image_size(json_file, data, image_file, height, width):
         )
 
 
-def _polygon_area(points):
-    """Area of a polygon given as [(x, y), ...] (shoelace formula)."""
-    pairs = zip(points, points[1:] + points[:1])
-    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in pairs)) / 2
+def _pixel_area(polygon, height, width):
+    """Number of pixels a flat polygon [x0, y0, x1, y1, ...] covers when rasterised the way
+    detectron2 rasterises polygon masks (pycocotools)."""
+    return int(mask_util.area(mask_util.frPyObjects([polygon], height, width))[0])
 
 
 def _shape_to_polygon(json_file, index, shape, height, width):
@@ -238,10 +238,11 @@ def _shape_to_polygon(json_file, index, shape, height, width):
             )
             return None
     points = [(min(max(x, 0), width), min(max(y, 0), height)) for x, y in points]
-    if _polygon_area(points) < _MIN_POLYGON_AREA:
-        logger.warning(f"{where}: skipped, its polygon has zero area.")
+    polygon = [float(c) for point in points for c in point]
+    if _pixel_area(polygon, height, width) == 0:
+        logger.warning(f"{where}: skipped, its polygon covers no pixel (zero area).")
         return None
-    return [float(c) for point in points for c in point]
+    return polygon
 
 
 def _load_file(json_file, image_id, data, category_ids):

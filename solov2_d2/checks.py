@@ -1,4 +1,5 @@
-"""Checks that a config can run on this machine, made before anything is built or loaded.
+"""Checks made before anything is built, loaded or run, so that a bad setting or input fails at
+once with a message naming it instead of late or deep inside torch.
 
 * Weights are never downloaded: detectron2 would fetch a URL, ``detectron2://`` or
   ``catalog://`` path in ``MODEL.WEIGHTS`` at load time, which hangs or fails late without
@@ -7,17 +8,31 @@
   gradient scaling, CUDA only. :func:`check_amp_device` rejects it for other devices instead of
   letting the first training step fail. CPU bfloat16 autocast is not offered: torchvision's
   ``deform_conv2d`` has neither a CPU autocast rule nor a bfloat16 CPU kernel, so the DCN
-  variants fail under it, and a training step of the fruit config took 2.6x longer under it
-  than in float32 on the 2-core AVX-512 machine this project was developed on.
+  variants would fail under it.
+* ``MODEL.SOLOV2.NUM_CLASSES`` must be the number of classes of the datasets trained or
+  evaluated on: :func:`check_dataset_classes`. Fewer would train the others as background (or
+  fail with an index error); more would give predictions the evaluator cannot map.
+* Inputs of the model: :func:`instances_with_masks` gives images without annotations the empty
+  masks detectron2's ``DatasetMapper`` leaves out; :func:`check_finite_image` refuses NaN and
+  infinite pixels, which would silently give no detection.
 """
 import os
 
 import torch
 
 from detectron2.checkpoint.catalog import ModelCatalog
+from detectron2.data import MetadataCatalog
+from detectron2.structures import BitMasks, Instances
 from detectron2.utils.file_io import Detectron2Handler
 
-__all__ = ["check_weights_are_local", "check_amp_device", "weights_download_url"]
+__all__ = [
+    "check_amp_device",
+    "check_dataset_classes",
+    "check_finite_image",
+    "check_weights_are_local",
+    "instances_with_masks",
+    "weights_download_url",
+]
 
 _TORCHVISION_HOST = "download.pytorch.org"
 
@@ -71,4 +86,53 @@ def check_amp_device(cfg) -> None:
             f"AMPTrainer (float16 autocast with gradient scaling), which runs on CUDA only; "
             f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}. Set SOLVER.AMP.ENABLED False to train on "
             f"{device}."
+        )
+
+
+def check_dataset_classes(num_classes: int, dataset_names) -> None:
+    """Raise ValueError when a registered dataset's ``thing_classes`` (its metadata) are not
+    `num_classes` (``MODEL.SOLOV2.NUM_CLASSES``); datasets without that metadata pass."""
+    for name in dataset_names:
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != num_classes:
+            shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+            raise ValueError(
+                f"MODEL.SOLOV2.NUM_CLASSES is {num_classes}, but dataset {name!r} has "
+                f"{len(classes)} classes ({shown}): set MODEL.SOLOV2.NUM_CLASSES "
+                f"{len(classes)} (with weights trained for {len(classes)} classes to evaluate)."
+            )
+
+
+def instances_with_masks(instances: Instances) -> Instances:
+    """``instances`` (ground truth of one training image) with ``gt_masks``.
+
+    Detectron2's ``DatasetMapper`` gives an image without annotations (kept with
+    ``DATALOADER.FILTER_EMPTY_ANNOTATIONS False``) no ``gt_masks``: it gets an empty
+    ``BitMasks`` [0, H, W], so that it trains as an image of background. Raise ValueError when
+    there are instances but no masks.
+    """
+    if instances.has("gt_masks"):
+        return instances
+    if len(instances) > 0:
+        raise ValueError(
+            "SOLOv2 training needs instance masks: set MODEL.MASK_ON True so that "
+            "DatasetMapper keeps the 'segmentation' of each annotation."
+        )
+    empty = torch.zeros((0, *instances.image_size), dtype=torch.bool)
+    instances.gt_masks = BitMasks(empty.to(instances.gt_classes.device))
+    return instances
+
+
+def check_finite_image(image: torch.Tensor, what: str) -> None:
+    """Raise ValueError when a float image (`what`, e.g. "Input 0", names it in the message)
+    holds NaN or infinite values: the network would spread them into NaN scores and return no
+    detection, silently."""
+    if not image.is_floating_point():
+        return
+    finite = torch.isfinite(image)
+    if not finite.all():
+        raise ValueError(
+            f"{what}: image of shape {tuple(image.shape)} has "
+            f"{int(finite.numel() - finite.sum())} non-finite values (NaN or inf); replace "
+            "them first (e.g. np.nan_to_num) or drop the image."
         )
