@@ -14,12 +14,14 @@ An empty mask has IoU 0 with every mask (the references divide 0 by 0 there). Th
 with decayed score >= ``score_thresh`` are kept, sorted by decayed score (stable), and cut to
 ``max_per_image``; ``pre_nms_topk`` keeps the top candidates by input score before all of this.
 
-Intersections are one float32 matrix product of the 0/1 masks per image: sums of 0/1 products
-are exact in float32 up to 2^24 pixels per mask, whatever the dtype the masks came from.
+Intersections are one matrix product of the 0/1 masks per image (:mod:`mask_intersections`),
+exact integer counts whatever the dtype the masks came from.
 """
 from typing import NamedTuple, Tuple
 
 import torch
+
+from .mask_intersections import mask_intersections
 
 __all__ = ["MatrixNMSResult", "batched_matrix_nms", "matrix_nms", "matrix_nms_decay"]
 
@@ -69,9 +71,8 @@ def matrix_nms_decay(
     num = masks.shape[1]
     if num == 0:
         return torch.ones(masks.shape[:2], device=masks.device)
-    flat = masks.float()
-    inter = torch.bmm(flat, flat.transpose(1, 2))  # [B, N, N]
-    areas = flat.sum(dim=2)
+    inter = mask_intersections(masks)  # [B, N, N]
+    areas = inter.diagonal(dim1=1, dim2=2)
     union = areas[:, :, None] + areas[:, None, :] - inter
     iou = inter / union.clamp(min=1)
     # Pairs (i, j) with i < j of the same label, both valid.
