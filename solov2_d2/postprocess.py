@@ -248,26 +248,30 @@ class SOLOv2PostProcessor:
                 ]
             )
             # Steps 3-6 a chunk of candidates at a time: a chunk's masks give its scores, and
-            # the running top `pre_nms_topk` keeps the binary masks that Matrix NMS needs.
-            pixels = mask_features.shape[2] * mask_features.shape[3]
-            top = _Ranked(*(x[:, :0] for x in (scores, cells, labels, valid)),
-                          binary=valid.new_zeros((len(valid), 0, pixels)))
+            # the candidates pooled so far are cut to the top `pre_nms_topk` whenever they
+            # exceed twice that, keeping the binary masks that Matrix NMS needs.
+            pool, pooled = [], 0
             for part in self._chunks(cells.shape[1]):
                 probs = self._mask_probs(mask_features, kernels, cells[:, part], inside)
                 binary = probs > self.mask_thresh
                 areas = binary.sum(dim=2).float()
                 # Exact in float64 for thresholds >= 1/64 (probabilities above it are multiples
                 # of 2^-29; 2^24 of them need 53 bits): a sum does not depend on batch padding.
-                soft_sums = (probs * binary).double().sum(dim=2).float()
-                chunk = _Ranked(
-                    scores[:, part] * (soft_sums / areas.clamp(min=1)),  # maskness
-                    cells[:, part],
-                    labels[:, part],
-                    valid[:, part] & (areas > cell_strides[cells[:, part]]),
-                    binary,
+                soft_sums = probs.masked_fill_(~binary, 0).sum(dim=2, dtype=torch.float64).float()
+                pool.append(
+                    _Ranked(
+                        scores[:, part] * (soft_sums / areas.clamp(min=1)),  # maskness
+                        cells[:, part],
+                        labels[:, part],
+                        valid[:, part] & (areas > cell_strides[cells[:, part]]),
+                        binary,
+                    )
                 )
-                top = self._top(top, chunk)
-            scores, cells, labels, valid, binary = top
+                pooled += binary.shape[1]
+                if pooled > 2 * self.pre_nms_topk:
+                    pool = [self._top(pool)]
+                    pooled = pool[0].binary.shape[1]
+            scores, cells, labels, valid, binary = self._top(pool)
             decay = matrix_nms_decay(
                 binary, labels, valid, kernel=self.nms_kernel, sigma=self.nms_sigma
             )
@@ -333,10 +337,10 @@ class SOLOv2PostProcessor:
         probs = dynamic_mask_logits(mask_features, chunk).flatten(2).sigmoid_()
         return probs if inside is None else probs.mul_(inside)
 
-    def _top(self, ranked: "_Ranked", chunk: "_Ranked") -> "_Ranked":
-        """The top `pre_nms_topk` valid candidates of both, by descending score; ties keep
-        their order (those of `ranked` came first)."""
-        merged = _Ranked(*(torch.cat(pair, dim=1) for pair in zip(ranked, chunk)))
+    def _top(self, pool: List["_Ranked"]) -> "_Ranked":
+        """The top `pre_nms_topk` valid candidates of the pool by descending score; ties keep
+        their order in the pool (that of the candidates)."""
+        merged = _Ranked(*(torch.cat(parts, dim=1) for parts in zip(*pool)))
         order = sort_descending(merged.scores, merged.valid)
         if self.pre_nms_topk > 0:
             order = order[:, : self.pre_nms_topk]
