@@ -153,7 +153,8 @@ class SOLOv2(nn.Module):
             batched_inputs: per image, a dict as produced by detectron2's `DatasetMapper`:
                 "image": uint8/float [C, H, W] in the model's input format; in training
                 "instances" with `gt_boxes`, `gt_classes` and `gt_masks` (polygons or
-                bitmasks; an image without instances may lack them); optional "height", "width": the output size in inference.
+                bitmasks; an image without instances may lack them); optional "height",
+                "width": the output size in inference.
         Returns:
             training: dict of scalar losses; inference: list of {"instances": Instances}.
         """

@@ -46,7 +46,7 @@ class NetworkPolicy:
 
     def run(
         self,
-        network: Callable[[torch.Tensor], Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor]],
+        network: Callable[[torch.Tensor], Tuple[List[torch.Tensor], ...]],
         images: List[torch.Tensor],
         size_divisibility: int,
         mask_stride: int,

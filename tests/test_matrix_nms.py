@@ -234,4 +234,3 @@ def test_masks_of_any_dtype_and_above_half_precision_counts(dtype):
                              torch.ones(1, 2, dtype=torch.bool))
     iou = 80_100 / 90_000
     torch.testing.assert_close(decay, torch.tensor([[1.0, math.exp(-2.0 * iou**2)]]))
-

@@ -1,7 +1,5 @@
 """SOLOv2PostProcessor against a straightforward per-image implementation of the references'
 steps, on every candidate count, in chunks, with half-precision inputs and batch padding."""
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -131,7 +129,10 @@ def test_boxes_are_the_tight_bounds_of_the_masks():
     boxes = masks_to_boxes(masks)
     for m, box in zip(masks.numpy(), boxes.tolist()):
         ys, xs = np.nonzero(m)
-        expected = [0, 0, 0, 0] if len(xs) == 0 else [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        if len(xs) == 0:
+            expected = [0, 0, 0, 0]
+        else:
+            expected = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
         assert box == expected
     assert masks_to_boxes(torch.zeros(0, 5, 5, dtype=torch.bool)).shape == (0, 4)
 
@@ -184,7 +185,8 @@ def test_an_image_gets_the_same_result_alone_and_in_a_padded_batch():
     small = (88, 100)  # mask extent 22 x 25 of the 32 x 40 batch
     feats[1, :, 22:] = 5.0  # strong activations in the batch padding
     feats[1, :, :, 25:] = 5.0
-    batched = proc(cate, kernels, feats, [(32, 40), (22, 25)], [(128, 160), small], [(128, 160), small])
+    sizes = [(128, 160), small]
+    batched = proc(cate, kernels, feats, [(32, 40), (22, 25)], sizes, sizes)
     alone = proc(
         [c[1:] for c in cate], [k[1:] for k in kernels], feats[1:, :, :22, :25].contiguous(),
         [(22, 25)], [small], [small],
@@ -202,7 +204,8 @@ def _counts(results):
 def test_no_candidate_gives_empty_results_of_the_right_types():
     cate, kernels, feats = _head_outputs(2)
     cate = [torch.full_like(c, -20.0) for c in cate]
-    results = _run(_processor(), cate, kernels, feats, [(128, 160), (90, 100)], [(64, 80), (90, 100)])
+    sizes, outputs = [(128, 160), (90, 100)], [(64, 80), (90, 100)]
+    results = _run(_processor(), cate, kernels, feats, sizes, outputs)
     for r, size in zip(results, [(64, 80), (90, 100)]):
         assert len(r) == 0 and r.image_size == size
         assert r.pred_masks.shape == (0, *size) and r.pred_masks.dtype == torch.bool

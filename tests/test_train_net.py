@@ -10,7 +10,7 @@ import solov2_d2  # noqa: F401  # isort: split
 
 import pytest
 import torch
-from conftest import FRUIT_CONFIG, REPO, tiny_fruit_argv
+from conftest import FRUIT_CONFIG, REPO, TINY, tiny_fruit_argv
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
