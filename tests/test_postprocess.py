@@ -340,3 +340,30 @@ def test_masks_are_computed_only_for_candidates_above_the_threshold(monkeypatch)
     cate[2][1, 3, 5, 7] = -5.0
     assert _counts(_run(_processor(), cate, kernels, feats, [(128, 160)] * 2)) == [0, 0]
     assert sum(seen) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_also_under_autocast():
+    """Same detections on CUDA (TF32 off: float32 products) as on the CPU; float16 head outputs
+    under autocast within the half-precision tolerance of the CPU test above."""
+    cate, kernels, feats = _head_outputs(2, seed=6, cate_shift=-1.0)
+    sizes = [(128, 160), (100, 130)]
+    proc = _processor()
+    cpu = _run(proc, cate, kernels, feats, sizes)
+    on_cuda = ([c.cuda() for c in cate], [k.cuda() for k in kernels], feats.cuda())
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        cuda = _run(proc, *on_cuda, sizes)
+        with torch.autocast("cuda", dtype=torch.float16):
+            half = _run(proc, [c.half() for c in on_cuda[0]], [k.half() for k in on_cuda[1]],
+                        on_cuda[2].half(), sizes)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    for a, b, h in zip(cpu, cuda, half):
+        assert b.pred_masks.is_cuda and h.scores.dtype == torch.float32
+        torch.testing.assert_close(b.scores.cpu(), a.scores, rtol=0, atol=1e-5)
+        assert torch.equal(b.pred_classes.cpu(), a.pred_classes)
+        assert (b.pred_masks.cpu() != a.pred_masks).float().mean() < 1e-4
+        top = min(len(a), len(h), 10)
+        torch.testing.assert_close(h.scores[:top].cpu(), a.scores[:top], rtol=0, atol=0.01)
