@@ -56,6 +56,9 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
+from solov2_d2 import matrix_nms  # noqa: E402
+from solov2_d2.mask_intersections import mask_intersections_float  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
     "SOLOv2-R50": "configs/SOLOv2_R50_3x.yaml",
@@ -290,6 +293,46 @@ def bench_inference(name, size, batch, candidates, repeats, device) -> dict:
     return result
 
 
+def bench_postprocess(name, size, candidates, repeats, device) -> list:
+    """Post-processing alone on captured head outputs of one image, per forced load: the chosen
+    path (int8 mask intersections on the CPU) next to the plain one (float32 products)."""
+    model = build(MODELS[name], str(device))
+    inputs = [{"image": image} for image in random_images(1, size)]
+    post = model.postprocessor
+    results = []
+    for load in ("compact", "heavy"):
+        captured = []
+        model.postprocessor = lambda *args: captured.append(args) or post(*args)
+        handles = ForcedCandidates(candidates, heavy=load == "heavy").attach(model)
+        with torch.no_grad():
+            model(inputs)
+        for h in handles:
+            h.remove()
+        model.postprocessor = post
+        args = captured[0]
+        chosen = lambda: post(*args)  # noqa: E731
+
+        def plain():
+            original = matrix_nms.mask_intersections
+            matrix_nms.mask_intersections = mask_intersections_float
+            try:
+                return post(*args)
+            finally:
+                matrix_nms.mask_intersections = original
+
+        ms = median_ms([plain, chosen], device, warmup=1, repeats=repeats)
+        a, b = plain(), chosen()
+        same = all(
+            torch.equal(x.pred_masks, y.pred_masks) and torch.equal(x.scores, y.scores)
+            for x, y in zip(a, b)
+        )
+        results.append(
+            {"model": name, "size": list(size), "load": load, "candidates": candidates,
+             "plain_ms": ms[0], "chosen_ms": ms[1], "detections": len(b[0]), "same": same}
+        )
+    return results
+
+
 def matmul_rate(device, repeats) -> float:
     """GFLOP/s of a float32 2048 x 2048 matrix product."""
     a, b = torch.randn(2, 2048, 2048, device=device)
@@ -432,6 +475,20 @@ def markdown(results) -> str:
             )
     lines += [
         "",
+        "Post-processing alone, one image, ms (plain: float32 mask intersections; chosen: the "
+        "default path of this device):",
+        "",
+        "| model | input | load | candidates | plain ms | chosen ms | detections | same results |",
+        "|---|---|---|---:|---:|---:|---:|:---:|",
+    ]
+    for r in results["postprocess"]:
+        lines.append(
+            f"| {r['model']} | {r['size'][0]}x{r['size'][1]} | {r['load']} | {r['candidates']} | "
+            f"{r['plain_ms']:.0f} | {r['chosen_ms']:.0f} | {r['detections']} | "
+            f"{'yes' if r['same'] else 'NO'} |"
+        )
+    lines += [
+        "",
         "Backbone+FPN+heads FLOPs per image (fvcore, 2 per multiply-add): "
         + ", ".join(
             f"{r['model']} {r['size'][0]}x{r['size'][1]}: {r['flops'] / 1e9:.0f} G"
@@ -488,6 +545,9 @@ def check(results):
     times += [r["peak_mb"] for r in results["peak_memory"]]
     if not all(math.isfinite(t) and t > 0 for t in times):
         raise SystemExit("A measurement is not a positive number; see the JSON.")
+    times += [r[k] for r in results["postprocess"] for k in ("plain_ms", "chosen_ms")]
+    if not all(r["same"] for r in results["postprocess"]):
+        raise SystemExit("The chosen post-processing path differs from the plain one.")
     if not all(r["same_keep_and_labels"] for r in results["matrix_nms"]):
         raise SystemExit("Matrix NMS results differ from the dense formulation.")
 
@@ -536,6 +596,11 @@ def main():
             r["flops"] = flops
             results["inference"].append(r)
             print(json.dumps(r), flush=True)
+    results["postprocess"] = [
+        r for name, size in sizes.items()
+        for r in bench_postprocess(name, size, args.candidates, args.repeats, device)
+    ]
+    print(json.dumps(results["postprocess"]), flush=True)
     nms_args = SimpleNamespace(
         objects=40, height=nms_mask[0], width=nms_mask[1], seed=0, repeats=args.repeats
     )

@@ -32,6 +32,8 @@ def test_quick_benchmark_writes_sane_results(tmp_path):
         assert r["none"]["detections"] == 0
         assert r["compact"]["detections"] > 0 and r["heavy"]["detections"] > 0
     assert all(r["same_keep_and_labels"] and r["ours_ms"] > 0 for r in results["matrix_nms"])
+    assert {r["load"] for r in results["postprocess"]} == {"compact", "heavy"}
+    assert all(r["same"] and r["detections"] > 0 for r in results["postprocess"])
     assert results["training"]["ms"] > 0 and results["training"]["targets_ms"] > 0
     assert {r["load"] for r in results["peak_memory"]} == {"compact", "heavy"}
     assert all(r["peak_mb"] > 0 and r["detections"] > 0 for r in results["peak_memory"])
