@@ -141,37 +141,21 @@ def batched_matrix_nms(
 
 
 def matrix_nms(
-    masks: torch.Tensor,
-    labels: torch.Tensor,
-    scores: torch.Tensor,
-    *,
-    kernel: str = "gaussian",
-    sigma: float = 2.0,
-    score_thresh: float = 0.0,
-    pre_nms_topk: int = -1,
-    max_per_image: int = -1,
+    masks: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, **options
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Matrix NMS of one image: :func:`batched_matrix_nms` of a batch of one.
 
     Args:
         masks: [N, H, W] binary masks; labels: int64 [N]; scores: float [N], in any order.
+        options: the keyword arguments of :func:`batched_matrix_nms`.
     Returns:
         scores (float32 [K], decayed, descending), labels (int64 [K]) and keep (int64 [K],
         indices into the inputs) of the kept candidates.
     """
-    result = batched_matrix_nms(
-        masks[None],
-        labels[None],
-        scores[None],
-        torch.ones_like(labels, dtype=torch.bool)[None],
-        kernel=kernel,
-        sigma=sigma,
-        score_thresh=score_thresh,
-        pre_nms_topk=pre_nms_topk,
-        max_per_image=max_per_image,
-    )
-    valid = result.valid[0]
-    return result.scores[0][valid], result.labels[0][valid], result.keep[0][valid]
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    result = batched_matrix_nms(masks[None], labels[None], scores[None], valid[None], **options)
+    kept = result.valid[0]
+    return result.scores[0][kept], result.labels[0][kept], result.keep[0][kept]
 
 
 def sort_descending(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
