@@ -56,7 +56,7 @@ def add_solov2_config(cfg):
     # is computed; 0 scores every candidate, as the references do.
     _C.MAX_MASK_CANDIDATES = 0
     # Candidates whose masks are computed at once: bounds memory without dropping candidates.
-    _C.MASK_CHUNK_SIZE = 128
+    _C.MASK_CHUNK_SIZE = 256
     _C.MASK_THRESH_TEST = 0.5
     _C.PRE_NMS_TOPK_TEST = 500
     _C.NMS_KERNEL = "gaussian"  # or "linear"

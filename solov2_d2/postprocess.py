@@ -142,7 +142,7 @@ class SOLOv2PostProcessor:
         update_thresh: float = 0.05,
         max_per_image: int = 100,
         max_candidates: int = 0,
-        chunk_size: int = 128,
+        chunk_size: int = 256,
     ):
         """
         Args:
