@@ -45,6 +45,7 @@ from detectron2.utils.logger import setup_logger
 from solov2_d2 import add_solov2_config
 from solov2_d2.distributed import create_ddp_model, launch
 from solov2_d2.engine import check_amp_device, check_weights_are_local
+from solov2_d2.solver import build_optimizer
 
 
 class Trainer(DefaultTrainer):
@@ -80,6 +81,12 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """SGD with ``SOLVER.CLIP_GRADIENTS``, including the authors' clipping of the norm of
+        all gradients together (``CLIP_TYPE "full_model"``, :mod:`solov2_d2.solver`)."""
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
