@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 from conftest import small_solov2_cfg
+from devices import needs_cuda
 from torch import nn
 
 import solov2_d2  # noqa: F401  # isort: split
@@ -139,3 +140,25 @@ def test_other_clip_types_and_disabled_clipping_are_detectron2s():
 def test_full_model_clipping_rejects_a_non_positive_threshold():
     with pytest.raises(ValueError, match="CLIP_VALUE"):
         maybe_add_gradient_clipping(_cfg(value=0.0), torch.optim.SGD)
+
+
+@needs_cuda
+def test_cuda_amp_clipping_equals_clip_grad_norm_of_the_unscaled_gradients():
+    """The same check with CUDA's GradScaler, as detectron2's AMPTrainer uses it. Tolerance:
+    float32 rounding (both sides run the same kernels; no TF32 in the norms)."""
+    cfg = _cfg()
+    model = _model().cuda()
+    reference = copy.deepcopy(model)
+    optimizer = build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).cuda()
+    scaler.scale(model(x).pow(2).sum() * 10).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    params = get_default_optimizer_params(reference, base_lr=0.1, weight_decay_norm=0.0)
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    (reference(x).pow(2).sum() * 10).backward()
+    assert torch.nn.utils.clip_grad_norm_(reference.parameters(), 35.0) > 35
+    sgd.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
