@@ -45,18 +45,18 @@ def _build(config: str, device: str):
     return build_model(cfg).train(), cfg
 
 
-def _inputs(spec):
+def _inputs(spec, num_classes: int):
     """Random uint8 images [3, H, W] with `instances` random instances each (CPU, as a data
     loader gives them)."""
     g = torch.Generator().manual_seed(0)
     h, w = spec["height"], spec["width"]
-    return [
-        {
-            "image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
-            "instances": random_instances(h, w, spec["instances"], False, "cpu", seed=i),
-        }
-        for i in range(spec["batch"])
-    ]
+    inputs = []
+    for i in range(spec["batch"]):
+        instances = random_instances(h, w, spec["instances"], False, "cpu", seed=i)
+        instances.gt_classes %= num_classes
+        image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        inputs.append({"image": image, "instances": instances})
+    return inputs
 
 
 def _iteration(model, cfg, inputs):
@@ -122,7 +122,7 @@ def measure_child(spec: dict) -> dict:
     """In this (fresh) process: peak memory of one run of `spec["part"]`."""
     device = torch.device(spec["device"])
     model, cfg = _build(spec["config"], spec["device"])
-    inputs = _inputs(spec)
+    inputs = _inputs(spec, cfg.MODEL.SOLOV2.NUM_CLASSES)
     positives = positive_cells(model, inputs)
     step = {"iteration": _iteration, "losses": _losses}[spec["part"]](model, cfg, inputs)
     if device.type == "cuda":
