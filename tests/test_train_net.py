@@ -143,3 +143,19 @@ def test_cpu_processes_need_the_cpu_device(tmp_path):
     args.num_cpu_processes = 2
     with pytest.raises(ValueError, match="--num-cpu-processes.*MODEL.DEVICE cpu"):
         train_net.setup(args)
+
+
+def test_the_optimizer_clips_the_norm_of_all_gradients_together(tmp_path):
+    """The fruit config inherits the authors' clipping (Base-SOLOv2.yaml: full_model at 35);
+    after a step the norm of all gradients together is 35."""
+    cfg = train_net.setup(_args(tmp_path))
+    assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"
+    model = train_net.Trainer.build_model(cfg)
+    optimizer = train_net.Trainer.build_optimizer(cfg, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    total = torch.cat([p.grad.flatten() for p in params]).double().norm().item()
+    assert total == pytest.approx(35.0, rel=1e-5)
+    assert max(p.grad.norm().item() for p in params) < 35.0 / 10

@@ -9,8 +9,8 @@ what is left of --budget-s (counted from $SOLOV2_GPU_CHECK_START when set, else 
 
 - tests:     the CUDA tests, `pytest -m cuda` (skipped without a GPU).
 - agreement: the fruit model (configs/fruit/SOLOv2_R18_fruit.yaml, seeded random initialisation,
-             or --weights) on the CPU and on the device, on fruit photos: head outputs in
-             inference, detections, training losses and the gradient norm. The device computes
+             or --weights) on the CPU and on the device, on fruit photos: detections in
+             inference; head outputs, losses and the gradient norm in training. The device computes
              in IEEE float32 for it (no TF32). Tolerance: |device - cpu| <= 1e-3 * max|cpu| for
              every head output and loss, 1e-2 relative for the gradient norm.
 - training:  train_net's Trainer on fruit_train, AMP (float16, GradScaler) on CUDA and float32
@@ -187,10 +187,10 @@ class GpuCheck:
         train_inputs = _mapped(cfg, "fruit_train", 2, is_train=True)
         with ieee_float32():
             runs = [_outputs(m, test_inputs, train_inputs) for m in (cpu_model, device_model)]
-        (cpu_heads, cpu_dets, cpu_losses, cpu_grad), (heads, dets, losses, grad) = runs
+        (cpu_values, cpu_dets, cpu_grad), (values, dets, grad) = runs
         worst = max(
             (a.cpu() - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
-            for a, b in zip(heads + losses, cpu_heads + cpu_losses)
+            for a, b in zip(values, cpu_values)
         )
         grad_error = abs(grad - cpu_grad) / cpu_grad
         counts = [len(d) for d in dets] == [len(d) for d in cpu_dets]
@@ -326,33 +326,26 @@ def _mapped(cfg, dataset: str, count: int, is_train: bool):
 
 
 def _outputs(model, test_inputs, train_inputs):
-    """Head outputs and detections in inference, training losses and the gradient norm."""
-    captured = []
-    hooks = [
-        model.ins_head.register_forward_hook(lambda m, i, o: captured.extend(o[0] + o[1])),
-        model.mask_head.register_forward_hook(lambda m, i, o: captured.append(o)),
-    ]
+    """Detection scores in inference; in training, the head outputs (the network runs on the
+    padded batch there, on every device), the losses and the gradient norm."""
     model.eval()
     with torch.no_grad():
-        detections = [r["instances"].scores for r in model(test_inputs)]
-    for h in hooks:
-        h.remove()
-    heads = _batched(captured, 2 * len(model.num_grids) + 1)
+        scores = [r["instances"].scores for r in model(test_inputs)]
+    heads = []
+    hooks = [
+        model.ins_head.register_forward_hook(lambda m, i, o: heads.extend(o[0] + o[1])),
+        model.mask_head.register_forward_hook(lambda m, i, o: heads.append(o)),
+    ]
     model.train()
     model.zero_grad()
     losses = model(train_inputs)
+    for h in hooks:
+        h.remove()
     sum(losses.values()).backward()
     grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
     grad_norm = torch.cat(grads).norm().item()
-    loss_values = [losses[k].detach() for k in sorted(losses)]
-    return [h.detach() for h in heads], detections, loss_values, grad_norm
-
-
-def _batched(captured, per_call: int):
-    """The captured head outputs (`per_call` tensors per call of the heads) as one tensor per
-    output: CPU inference runs the network one image at a time, CUDA inference on the batch."""
-    calls = [captured[i : i + per_call] for i in range(0, len(captured), per_call)]
-    return [torch.cat(parts) for parts in zip(*calls)]
+    values = [h.detach() for h in heads] + [losses[k].detach() for k in sorted(losses)]
+    return values, scores, grad_norm
 
 
 def _log_to(path: Path):
