@@ -28,6 +28,7 @@ from bench_targets import random_instances
 
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from detectron2.structures import ImageList
 
 from solov2_d2.targets import assign_targets
 
@@ -59,6 +60,12 @@ def _inputs(spec, num_classes: int):
     return inputs
 
 
+def _padded_shape(model, inputs):
+    """[B, C, H, W] of the model's padded input batch."""
+    images = ImageList.from_tensors([x["image"] for x in inputs], model.backbone.size_divisibility)
+    return tuple(images.tensor.shape)
+
+
 def _iteration(model, cfg, inputs):
     """One SGD iteration of the whole model."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
@@ -75,8 +82,7 @@ def _iteration(model, cfg, inputs):
 def _losses(model, cfg, inputs):
     """`SOLOv2.losses` forward and backward on leaf tensors shaped like the network's outputs."""
     device = model.device
-    images = model.preprocess_image(inputs)
-    b, _, h, w = images.tensor.shape
+    b, _, h, w = _padded_shape(model, inputs)
     c = cfg.MODEL.SOLOV2
     dim = c.MASK_DIM * c.DYNAMIC_KERNEL_SIZE**2
     g = torch.Generator(device=device).manual_seed(0)
@@ -105,10 +111,9 @@ def _proc_status_mb(field: str) -> float:
 
 def positive_cells(model, inputs) -> int:
     """The number of positive cells of the batch (the masks the Dice loss is computed for)."""
-    images = model.preprocess_image(inputs)
     targets = assign_targets(
         [x["instances"].to(model.device) for x in inputs],
-        tuple(images.tensor.shape[-2:]),
+        _padded_shape(model, inputs)[-2:],
         model.num_grids,
         model.scale_ranges,
         model.sigma,
