@@ -208,7 +208,7 @@ def test_cuda_dice_loss_in_amp_synchronises_once_and_holds_one_chunk():
     5e-3 of float32 on the CPU (float16 logits; TF32 products, if enabled, are finer); the peak
     memory of forward and backward stays below half of one float copy of the positive cells'
     masks, which the plain formulation would hold several times."""
-    features, kernels, targets, matched = _cells_batch(cells=600, size=(260, 260))
+    features, kernels, targets, matched = _cells_batch(cells=1200, size=(260, 260))
     ref = positive_cells_dice_loss(features, kernels, targets, matched)
     one_float_copy = int((matched >= 0).sum()) * 260 * 260 * 4
     features, kernels = (x.detach().cuda().requires_grad_() for x in (features, kernels))

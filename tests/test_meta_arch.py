@@ -205,7 +205,7 @@ def test_losses_under_bfloat16_autocast_agree_with_float32(small_cfg):
 
 @needs_cuda
 def test_cuda_losses_synchronise_once_and_agree_with_the_cpu(small_cfg):
-    """Float32 losses on the GPU equal the CPU ones to 1e-4 (TF32 matrix products, if enabled,
+    """Float32 losses on the GPU equal the CPU ones to 1e-3 (TF32 matrix products, if enabled,
     stay within it: the Dice sums average thousands of pixels); under float16 autocast they are
     float32 and within 1%."""
     model = build_model(small_cfg).train()
@@ -223,7 +223,7 @@ def test_cuda_losses_synchronise_once_and_agree_with_the_cpu(small_cfg):
     with torch.autocast("cuda", dtype=torch.float16):
         amp = model.losses(*args)
     for key in ("loss_cate", "loss_mask"):
-        assert gpu[key].item() == pytest.approx(cpu[key].item(), rel=1e-4), key
+        assert gpu[key].item() == pytest.approx(cpu[key].item(), rel=1e-3), key
         assert amp[key].dtype == torch.float32
         assert amp[key].item() == pytest.approx(cpu[key].item(), rel=1e-2), key
 
