@@ -51,6 +51,7 @@ from solov2_d2.checkpoint import SOLOv2Checkpointer
 from solov2_d2.checks import check_amp_device, check_dataset_classes, check_weights_are_local
 from solov2_d2.data import SOLOv2DatasetMapper, build_resumable_train_loader
 from solov2_d2.distributed import create_ddp_model, launch
+from solov2_d2.solver import build_optimizer
 
 
 class Trainer(DefaultTrainer):
@@ -122,6 +123,12 @@ class Trainer(DefaultTrainer):
         return build_detection_test_loader(
             cfg, dataset_name, mapper=SOLOv2DatasetMapper(cfg, False)
         )
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """SGD with ``SOLVER.CLIP_GRADIENTS``, including the authors' clipping of the norm of
+        all gradients together (``CLIP_TYPE "full_model"``, :mod:`solov2_d2.solver`)."""
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

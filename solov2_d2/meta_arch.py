@@ -11,8 +11,8 @@ from detectron2.structures import ImageList, Instances
 
 from .checks import check_finite_image, instances_with_masks
 from .config import check_solov2_config
-from .heads import SOLOv2InstanceHead, SOLOv2MaskHead, dynamic_mask_logits, flatten_levels
-from .losses import category_focal_loss, dice_loss
+from .heads import SOLOv2InstanceHead, SOLOv2MaskHead, flatten_levels
+from .losses import category_focal_loss, positive_cells_dice_loss
 from .network_policy import NetworkPolicy
 from .postprocess import SOLOv2PostProcessor
 from .targets import assign_targets
@@ -242,11 +242,18 @@ class SOLOv2(nn.Module):
     ) -> Dict[str, torch.Tensor]:
         """Focal loss on every cell, Dice loss on the mask of every positive cell.
 
+        Target assignment runs on the device without host synchronisation; the Dice loss
+        synchronises once (the number of positive cells per image) and computes the masks of
+        the positive cells in chunks of bounded memory (:func:`positive_cells_dice_loss`).
+        Both losses are computed in float32 under autocast.
+
         Args:
             cate_logits, kernels: per level [B, C, S, S] and [B, D, S, S] from the head.
             mask_features: [B, E, H_m, W_m].
-            gt_instances: per image, the ground truth.
+            gt_instances: per image, the ground truth, on the model's device.
             padded_size: (H, W) of the padded batch.
+        Returns:
+            "loss_cate" and "loss_mask", float32 scalars.
         """
         targets = assign_targets(
             gt_instances,
@@ -257,34 +264,17 @@ class SOLOv2(nn.Module):
             self.num_classes,
             self.mask_stride,
         )
-        positive = targets.matched >= 0  # [B, T]
-        num_positive = positive.sum()
         logits = flatten_levels(cate_logits)
         loss_cate = category_focal_loss(
             logits.reshape(-1, logits.shape[-1]),
             targets.labels.reshape(-1),
-            num_positive,
+            (targets.matched >= 0).sum(),
             self.focal_alpha,
             self.focal_gamma,
         )
-
-        kernels = flatten_levels(kernels)  # [B, T, D]
-        per_image = positive.sum(dim=1)
-        max_per_image = int(per_image.max())  # host sync: the padded size of the mask batch
-        if max_per_image == 0:
-            # No positive cell in the batch: a zero that still reaches both branches, so every
-            # parameter gets a (zero) gradient and distributed training stays in step.
-            loss_mask = (kernels.sum() + mask_features.sum()) * 0.0
-        else:
-            # Positive cells of each image first (stable: in cell order), padded to the maximum.
-            cells = torch.argsort((~positive).to(torch.uint8), dim=1, stable=True)
-            cells = cells[:, :max_per_image]
-            valid = torch.arange(max_per_image, device=self.device) < per_image[:, None]
-            selected = kernels.gather(1, cells[..., None].expand(-1, -1, kernels.shape[2]))
-            mask_logits = dynamic_mask_logits(mask_features, selected)
-            instances = targets.matched.gather(1, cells).clamp(min=0)
-            per_mask = dice_loss(mask_logits, targets.masks[instances])
-            loss_mask = (per_mask * valid).sum() / valid.sum()
+        loss_mask = positive_cells_dice_loss(
+            mask_features, flatten_levels(kernels), targets.masks, targets.matched
+        )
         return {
             "loss_cate": loss_cate * self.focal_weight,
             "loss_mask": loss_mask * self.dice_weight,

@@ -321,10 +321,10 @@ class SOLOv2PostProcessor:
         None when every image covers the whole map."""
         if all(tuple(e) == tuple(size) for e in mask_extents):
             return None
-        extents = torch.tensor(list(mask_extents), device=device).view(-1, 2, 1)
-        rows = torch.arange(size[0], device=device) < extents[:, 0]  # [B, H_m]
-        cols = torch.arange(size[1], device=device) < extents[:, 1]  # [B, W_m]
-        return (rows[:, :, None] & cols[:, None, :]).flatten(1)[:, None].float()
+        rows = torch.arange(size[0], device=device)
+        cols = torch.arange(size[1], device=device)
+        inside = [(rows[:, None] < h) & (cols[None, :] < w) for h, w in mask_extents]
+        return torch.stack(inside).flatten(1)[:, None].float()
 
     def _chunks(self, count: int) -> List[slice]:
         """Slices of `chunk_size` candidates out of `count` (one, empty, if there is none)."""

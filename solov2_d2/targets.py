@@ -1,7 +1,9 @@
 """SOLOv2 training targets: which grid cells are positive for which instance, and mask targets.
 
 Everything is computed for all instances of a batch at once, on the device of the inputs, with
-no host synchronisation: a Python loop runs over the (few) FPN levels only.
+no host synchronisation: Python loops run over the images and the (few) FPN levels only and use
+nothing but tensor shapes; masks rasterised from polygons on the host reach the device through
+pinned memory, asynchronously.
 """
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
@@ -23,8 +25,9 @@ class SOLOv2Targets:
         labels: int64 [B, T]; the class of each cell's instance, `num_classes` for background.
         matched: int64 [B, T]; index of each cell's instance into the batch's instances
             (images concatenated in order), -1 for background.
-        masks: float [M, H/stride, W/stride]; the 0/1 mask target of each of the M instances,
-            at the mask feature's resolution.
+        masks: bool [M, H/stride, W/stride]; the mask target of each of the M instances, at
+            the mask feature's resolution. Cells refer to it through `matched` (no per-cell
+            copies); the loss converts the masks it needs to float a chunk at a time.
     """
 
     labels: torch.Tensor
@@ -32,25 +35,40 @@ class SOLOv2Targets:
     masks: torch.Tensor
 
 
-def instance_masks(instances: Instances, padded_size: Tuple[int, int]) -> torch.Tensor:
-    """The instances' masks as bool [M, H, W], zero-padded to the batch's `padded_size`.
+def instance_masks(
+    gt_instances: List[Instances], padded_size: Tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """The masks of all instances of a batch (images in order) as bool [M, H, W] on `device`,
+    zero-padded to the batch's `padded_size`.
 
     Accepts what detectron2's DatasetMapper produces for INPUT.MASK_FORMAT "polygon"
-    (PolygonMasks, rasterised here) and "bitmask" (BitMasks).
+    (PolygonMasks, rasterised here on the host) and "bitmask" (BitMasks). Each image's masks are
+    written straight into the batch's tensor (one copy); host masks go to another device from
+    pinned memory without blocking the host.
     """
     h, w = padded_size
-    gt_masks = instances.gt_masks
-    if isinstance(gt_masks, PolygonMasks):
-        masks = BitMasks.from_polygon_masks(gt_masks, h, w).tensor
-    elif isinstance(gt_masks, BitMasks):
-        masks = gt_masks.tensor
-    else:
-        raise TypeError(
-            f"gt_masks of type {type(gt_masks).__name__} is not supported: "
-            "expected PolygonMasks or BitMasks (INPUT.MASK_FORMAT 'polygon' or 'bitmask')."
-        )
-    masks = masks.to(device=instances.gt_classes.device, dtype=torch.bool)
-    return F.pad(masks, (0, w - masks.shape[2], 0, h - masks.shape[1]))
+    counts = [len(x) for x in gt_instances]
+    out = torch.zeros((sum(counts), h, w), dtype=torch.bool, device=device)
+    start = 0
+    for instances, count in zip(gt_instances, counts):
+        gt_masks = instances.gt_masks
+        if isinstance(gt_masks, PolygonMasks):
+            masks = BitMasks.from_polygon_masks(gt_masks, h, w).tensor
+        elif isinstance(gt_masks, BitMasks):
+            masks = gt_masks.tensor
+        else:
+            raise TypeError(
+                f"gt_masks of type {type(gt_masks).__name__} is not supported: "
+                "expected PolygonMasks or BitMasks (INPUT.MASK_FORMAT 'polygon' or 'bitmask')."
+            )
+        if count:
+            if masks.device.type == "cpu" and out.device.type != "cpu":
+                masks = masks.pin_memory()
+            out[start : start + count, : masks.shape[1], : masks.shape[2]].copy_(
+                masks, non_blocking=True
+            )
+        start += count
+    return out
 
 
 def downsample_masks(masks: torch.Tensor, stride: int) -> torch.Tensor:
@@ -66,7 +84,7 @@ def downsample_masks(masks: torch.Tensor, stride: int) -> torch.Tensor:
     Args:
         masks: bool [M, H, W], H and W divisible by `stride`.
     Returns:
-        float [M, H / stride, W / stride] of 0 and 1.
+        bool [M, H / stride, W / stride].
     """
     _, h, w = masks.shape
     if stride % 2 or h % stride or w % stride:
@@ -77,7 +95,7 @@ def downsample_masks(masks: torch.Tensor, stride: int) -> torch.Tensor:
     first = stride // 2 - 1
     rows = (masks[:, first::stride], masks[:, first + 1 :: stride])
     votes = sum(r[:, :, c::stride].to(torch.uint8) for r in rows for c in (first, first + 1))
-    return (votes >= 2).float()
+    return votes >= 2
 
 
 def _row_and_column_counts(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -170,11 +188,13 @@ def assign_targets(
     """
     device = gt_instances[0].gt_classes.device
     num_images = len(gt_instances)
-    counts = torch.tensor([len(x) for x in gt_instances], device=device)
-    image_index = torch.repeat_interleave(torch.arange(num_images, device=device), counts)
+    # Filled on the device from lengths the host knows: no tensor is built from host values.
+    image_index = torch.cat(
+        [torch.full((len(x),), i, device=device) for i, x in enumerate(gt_instances)]
+    )
     labels = torch.cat([x.gt_classes for x in gt_instances])
     boxes = torch.cat([x.gt_boxes.tensor for x in gt_instances]).double()
-    masks = torch.cat([instance_masks(x, padded_size) for x in gt_instances])
+    masks = instance_masks(gt_instances, padded_size, device)
 
     cy, cx, area = _centres_of_mass(masks)
     widths = boxes[:, 2] - boxes[:, 0]

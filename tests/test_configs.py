@@ -181,7 +181,7 @@ def test_published_variant(name):
     assert solver.WEIGHT_DECAY == 1e-4
     assert (solver.MAX_ITER, tuple(solver.STEPS)) == (want["max_iter"], want["steps"])
     clip = solver.CLIP_GRADIENTS
-    assert clip.ENABLED and clip.CLIP_TYPE == "norm" and clip.CLIP_VALUE == 35.0
+    assert clip.ENABLED and clip.CLIP_TYPE == "full_model" and clip.CLIP_VALUE == 35.0
     assert cfg.DATASETS.TRAIN == (want["train_set"],)
     assert cfg.DATASETS.TEST == (want["test_set"],)
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import needs_cuda
 from torch import nn
 
 from solov2_d2.deform_conv import ModulatedDeformConv2d  # isort: split
@@ -251,7 +252,7 @@ def test_empty_input_and_invalid_groups():
         ModulatedDeformConv2d(4, 6, 3, groups=4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_cuda_matches_cpu():
     layer = make_layer(8, 16, 3, padding=1, deform_groups=2).float()
     with torch.no_grad():

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from devices import needs_cuda
 
 import solov2_d2.matrix_nms as matrix_nms_module
 from solov2_d2.matrix_nms import batched_matrix_nms, matrix_nms, matrix_nms_decay
@@ -213,7 +214,7 @@ def test_unknown_kernel():
                    kernel="hard")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_cuda_matches_cpu():
     masks, labels, scores = random_candidates(80, seed=7)
     cpu = matrix_nms(masks, labels, scores, score_thresh=0.05)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import HostSyncCounter, needs_cuda
 
 from solov2_d2 import postprocess as pp
 from solov2_d2.postprocess import SOLOv2PostProcessor, masks_to_boxes, point_nms
@@ -322,6 +323,17 @@ def test_channels_last_mask_features_give_the_same_results():
         assert torch.equal(x.scores, y.scores) and torch.equal(x.pred_masks, y.pred_masks)
 
 
+def test_post_processing_waits_for_the_device_twice_per_batch():
+    """The candidate count (to size the padding) and the detection counts (the sizes of the
+    Instances): the host waits for a GPU twice per batch, whatever the candidates."""
+    cate, kernels, feats = _head_outputs(3, seed=4, cate_shift=-1.0)
+    sizes = [(128, 160), (100, 130), (61, 75)]
+    with HostSyncCounter() as counter:
+        results = _run(_processor(), cate, kernels, feats, sizes)
+    assert sum(len(r) for r in results) > 10
+    assert counter.syncs == ["_local_scalar_dense", "tolist"]
+
+
 def test_masks_are_computed_only_for_candidates_above_the_threshold(monkeypatch):
     seen = []
     real = pp.dynamic_mask_logits
@@ -342,7 +354,7 @@ def test_masks_are_computed_only_for_candidates_above_the_threshold(monkeypatch)
     assert sum(seen) == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_cuda_matches_cpu_also_under_autocast():
     """Same detections on CUDA (TF32 off: float32 products) as on the CPU; float16 head outputs
     under autocast within the half-precision tolerance of the CPU test above."""

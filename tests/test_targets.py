@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHARED
+from devices import HostSyncCounter, needs_cuda
 
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
@@ -214,3 +215,67 @@ def test_row_and_column_counts_are_exact(shape):
     rows, cols = _row_and_column_counts(masks)
     assert torch.equal(rows, masks.sum(dim=2).int())
     assert torch.equal(cols, masks.sum(dim=1).int())
+
+
+def _fruit_batch(stems=("0", "7"), polygons=True):
+    """Instances of fruit photos (labelme polygons), one image per stem, plus an empty image."""
+    batch = []
+    for stem in stems:
+        ann = json.loads((FRUIT / f"{stem}.json").read_text())
+        h, w = ann["imageHeight"], ann["imageWidth"]
+        shapes = [[np.asarray(s["points"], dtype=np.float64).ravel()] for s in ann["shapes"]]
+        inst = Instances((h, w))
+        poly = PolygonMasks(shapes)
+        inst.gt_masks = poly if polygons else BitMasks.from_polygon_masks(poly, h, w)
+        inst.gt_classes = torch.arange(len(shapes)) % 3
+        inst.gt_boxes = poly.get_bounding_boxes()
+        batch.append(inst)
+    batch.append(_instances(np.zeros((0, 600, 800), bool), []))
+    return batch
+
+
+FRUIT_ARGS = ((608, 800), DEFAULT_GRIDS, [(1, 48), (24, 96), (48, 192), (96, 384), (192, 2048)])
+
+
+def test_host_sync_counter_sees_what_a_gpu_would_wait_for():
+    """The counter used below finds each kind of synchronisation the former code had."""
+    x = torch.arange(6)
+    with HostSyncCounter() as counter:
+        counts = torch.tensor([2, 1])  # host data to the device
+        torch.repeat_interleave(torch.arange(2), counts)  # output size read from the device
+        int(x.max())
+        x[x > 2]
+        x.tolist()
+        torch.repeat_interleave(torch.arange(2), counts, output_size=3)  # none
+    assert counter.syncs == ["lift_fresh", "repeat_interleave", "_local_scalar_dense", "index"] + [
+        "tolist"
+    ]
+
+
+def test_target_assignment_never_waits_for_the_device():
+    """Bitmasks on the device, as DatasetMapper's "bitmask" format gives them. (Polygons are
+    rasterised on the host, whose tensors this CPU count cannot tell from device ones; the CUDA
+    test below covers them.)"""
+    batch = _fruit_batch(polygons=False)
+    with HostSyncCounter() as counter:
+        t = assign_targets(batch, *FRUIT_ARGS, 0.2, 3, 4)
+    assert counter.syncs == []
+    assert (t.matched[:2] >= 0).sum(dim=1).min() > 10 and (t.matched[2] == -1).all()
+    assert t.masks.dtype == torch.bool and t.masks.shape == (sum(map(len, batch)), 152, 200)
+
+
+@needs_cuda
+@pytest.mark.parametrize("polygons", [False, True])
+def test_cuda_targets_equal_the_cpu_ones_without_synchronising(polygons):
+    """Exact: integer counts and float64 centres, no matrix product (TF32 does not apply)."""
+    batch = _fruit_batch(polygons=polygons)
+    cpu = assign_targets(batch, *FRUIT_ARGS, 0.2, 3, 4)
+    on_gpu = [x.to("cuda") for x in batch]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = assign_targets(on_gpu, *FRUIT_ARGS, 0.2, 3, 4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for name in ("labels", "matched", "masks"):
+        assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name

@@ -228,3 +228,18 @@ def test_eval_only_refuses_weights_that_do_not_fit(tmp_path):
     with pytest.raises(ValueError, match=f"Cannot read {tmp_path}/notes.pth as a checkpoint"):
         train_net.main(_args(tmp_path / "out", "MODEL.WEIGHTS", str(tmp_path / "notes.pth"),
                              eval_only=True))
+
+
+def test_the_optimizer_clips_the_norm_of_all_gradients_together(tmp_path):
+    """The fruit config inherits the authors' clipping (Base-SOLOv2.yaml: full_model at 35);
+    after a step the norm of all gradients together is 35."""
+    cfg = train_net.setup(_args(tmp_path))
+    assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"
+    model = train_net.Trainer.build_model(cfg)
+    optimizer = train_net.Trainer.build_optimizer(cfg, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    total = torch.cat([p.grad.flatten() for p in params]).double().norm().item()
+    assert total == pytest.approx(35.0, rel=1e-5)
