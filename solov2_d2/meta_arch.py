@@ -15,7 +15,7 @@ from .heads import SOLOv2InstanceHead, SOLOv2MaskHead, flatten_levels
 from .losses import category_focal_loss, positive_cells_dice_loss
 from .network_policy import NetworkPolicy
 from .postprocess import SOLOv2PostProcessor
-from .targets import assign_targets
+from .targets import SOLOv2Targets, assign_targets
 
 __all__ = ["SOLOv2"]
 
@@ -165,12 +165,14 @@ class SOLOv2(nn.Module):
         images = ImageList.from_tensors(
             self.preprocess_image(batched_inputs), self.backbone.size_divisibility
         )
-        cate_logits, kernels, mask_features = self.network(images.tensor)
         gt_instances = [
             instances_with_masks(x["instances"].to(self.device)) for x in batched_inputs
         ]
+        # Targets depend only on the ground truth: assigned before the network runs.
+        targets = self.assign_targets(gt_instances, images.tensor.shape[-2:])
+        cate_logits, kernels, mask_features = self.network(images.tensor)
         return self.losses(
-            cate_logits, kernels, mask_features, gt_instances, images.tensor.shape[-2:]
+            cate_logits, kernels, mask_features, gt_instances, images.tensor.shape[-2:], targets
         )
 
     def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
@@ -232,6 +234,19 @@ class SOLOv2(nn.Module):
             out.append(x)
         return out
 
+    def assign_targets(self, gt_instances: List[Instances], padded_size) -> SOLOv2Targets:
+        """Category and mask targets of every cell (:func:`assign_targets`) for ground truth on
+        the model's device and the padded batch's (H, W)."""
+        return assign_targets(
+            gt_instances,
+            tuple(padded_size),
+            self.num_grids,
+            self.scale_ranges,
+            self.sigma,
+            self.num_classes,
+            self.mask_stride,
+        )
+
     def losses(
         self,
         cate_logits: List[torch.Tensor],
@@ -239,6 +254,7 @@ class SOLOv2(nn.Module):
         mask_features: torch.Tensor,
         gt_instances: List[Instances],
         padded_size,
+        targets: Optional[SOLOv2Targets] = None,
     ) -> Dict[str, torch.Tensor]:
         """Focal loss on every cell, Dice loss on the mask of every positive cell.
 
@@ -252,18 +268,12 @@ class SOLOv2(nn.Module):
             mask_features: [B, E, H_m, W_m].
             gt_instances: per image, the ground truth, on the model's device.
             padded_size: (H, W) of the padded batch.
+            targets: those of :meth:`assign_targets`, if already assigned.
         Returns:
             "loss_cate" and "loss_mask", float32 scalars.
         """
-        targets = assign_targets(
-            gt_instances,
-            tuple(padded_size),
-            self.num_grids,
-            self.scale_ranges,
-            self.sigma,
-            self.num_classes,
-            self.mask_stride,
-        )
+        if targets is None:
+            targets = self.assign_targets(gt_instances, padded_size)
         logits = flatten_levels(cate_logits)
         loss_cate = category_focal_loss(
             logits.reshape(-1, logits.shape[-1]),
