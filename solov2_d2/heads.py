@@ -31,10 +31,25 @@ def coordinate_channels(x: torch.Tensor) -> torch.Tensor:
         order is the one published checkpoints were trained with.
     """
     n, _, h, w = x.shape
-    xs = torch.linspace(-1, 1, w, dtype=x.dtype, device=x.device)
-    ys = torch.linspace(-1, 1, h, dtype=x.dtype, device=x.device)
+    xs = _linspace_minus_one_to_one(w, x.dtype, x.device)
+    ys = _linspace_minus_one_to_one(h, x.dtype, x.device)
     grid = torch.stack([xs.view(1, w).expand(h, w), ys.view(h, 1).expand(h, w)])
     return grid.unsqueeze(0).expand(n, 2, h, w)
+
+
+def _linspace_minus_one_to_one(steps: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """`torch.linspace(-1, 1, steps)` from `arange`, which exports with a dynamic `steps` (the
+    exporter makes linspace a constant of the traced size).
+
+    It is linspace's own arithmetic (the first half from -1, the second from 1, fused
+    multiply-adds), hence equal to it in float32 and float64.
+    """
+    index = torch.arange(steps, dtype=dtype, device=device)
+    last = index[-1:].clamp(min=1)  # steps - 1; 1 for a single step, which gives [-1]
+    step = 2 / last
+    from_start = torch.addcmul(torch.full_like(index, -1), step, index)
+    from_end = torch.addcmul(torch.ones_like(index), step, index - last)
+    return torch.where(index < last / 2, from_start, from_end)
 
 
 def _conv_norm_relu(in_channels, out_channels, kernel_size, norm, deformable):

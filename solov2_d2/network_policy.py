@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from detectron2.structures import ImageList
 
-__all__ = ["HeadOutputs", "NetworkPolicy"]
+__all__ = ["HeadOutputs", "NetworkPolicy", "mask_extent"]
 
 
 class HeadOutputs(NamedTuple):
@@ -66,10 +66,10 @@ class NetworkPolicy:
         if self.channels_last:
             batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
         outputs = [network(x) for x in batches]
-        extents = []
-        for image in images:
-            padded = [_round_up(s, size_divisibility) for s in image.shape[-2:]]
-            extents.append(tuple(-(-s // mask_stride) for s in padded))
+        extents = [
+            tuple(mask_extent(s, size_divisibility, mask_stride) for s in image.shape[-2:])
+            for image in images
+        ]
         if len(outputs) == 1:  # nothing to concatenate (a copy of the mask features)
             cate_logits, kernels, mask_features = outputs[0]
         else:
@@ -86,5 +86,8 @@ class NetworkPolicy:
         return HeadOutputs(cate_logits, kernels, mask_features, extents)
 
 
-def _round_up(size: int, multiple: int) -> int:
-    return -(-size // multiple) * multiple if multiple > 0 else size
+def mask_extent(size, size_divisibility: int, mask_stride: int):
+    """The mask features computed for an image side of `size` pixels (an int, or an int64 tensor
+    of sizes): the side padded to `size_divisibility`, divided by `mask_stride`, rounded up."""
+    padded = -(-size // size_divisibility) * size_divisibility if size_divisibility > 0 else size
+    return -(-padded // mask_stride)

@@ -122,7 +122,10 @@ class SOLOv2PostProcessor:
     candidates at a time, and only three numbers per candidate are kept (step 3-5); the masks
     of the top `pre_nms_topk` are computed again for the NMS, and those of the kept detections
     for the output. `max_candidates` > 0 caps the candidates by category score before any mask
-    exists (off by default: it changes results where more candidates pass).
+    exists (off by default: it changes results where more candidates pass). `fixed_candidates`
+    > 0 gives the candidates a static count instead (for export, where no size may depend on the
+    data): exactly that many, padded with invalid entries, so that results are unchanged for
+    images with at most that many candidates.
 
     Computation is float32 whatever the dtype of the head outputs (float16 under autocast), so
     areas, sums and intersection counts are exact up to 2^24 pixels.
@@ -143,6 +146,7 @@ class SOLOv2PostProcessor:
         max_per_image: int = 100,
         max_candidates: int = 0,
         chunk_size: int = 256,
+        fixed_candidates: int = 0,
     ):
         """
         Args:
@@ -157,6 +161,8 @@ class SOLOv2PostProcessor:
             max_per_image: detections per image.
             max_candidates: if > 0, at most this many candidates per image (by category score).
             chunk_size: candidates whose masks are computed at once.
+            fixed_candidates: if > 0, the static number of candidates per image (the top by
+                category score); 0: as many as the image of the batch with the most.
         """
         self.strides = list(strides)
         self.mask_stride = mask_stride
@@ -169,6 +175,7 @@ class SOLOv2PostProcessor:
         self.max_per_image = max_per_image
         self.max_candidates = max_candidates
         self.chunk_size = chunk_size
+        self.fixed_candidates = fixed_candidates
 
     @classmethod
     def from_config(cls, cfg, mask_stride: int):
@@ -203,7 +210,8 @@ class SOLOv2PostProcessor:
             kernels: per level [B, E * k * k, S_l, S_l].
             mask_features: [B, E, H_m, W_m] at `mask_stride` of the padded input.
             mask_extents: per image (h_m, w_m), the part of the mask features computed for the
-                image (its own padded input, divided by `mask_stride`).
+                image (its own padded input, divided by `mask_stride`); `detect` also takes them
+                as an int64 [B, 2] tensor.
             image_sizes: per image (h, w) of the input before padding.
             output_sizes: per image (height, width) of the requested output.
         Returns:
@@ -302,10 +310,14 @@ class SOLOv2PostProcessor:
         """Step 2: (cell, class) pairs above the score threshold, from scores [B, T, C].
 
         Returns float32 scores, int64 cells, int64 labels and bool valid, each [B, K], with K the
-        largest candidate count of an image (capped by `max_candidates` if set).
+        largest candidate count of an image, or `fixed_candidates` if set (capped by
+        `max_candidates` if set).
         """
         flat = scores.flatten(1)
-        count = int((flat > self.score_thresh).sum(dim=1).max())  # host read: the padded size
+        if self.fixed_candidates > 0:
+            count = min(self.fixed_candidates, flat.shape[1])
+        else:
+            count = int((flat > self.score_thresh).sum(dim=1).max())  # host read: the padded size
         if self.max_candidates > 0:
             count = min(count, self.max_candidates)
         top, index = flat.topk(count, dim=1)
@@ -318,11 +330,15 @@ class SOLOv2PostProcessor:
     @staticmethod
     def _pixels_inside(mask_extents, size, device) -> Optional[torch.Tensor]:
         """float32 [B, 1, H_m * W_m]: 1 for the mask pixels inside each image's extent, else 0;
-        None when every image covers the whole map."""
-        if all(tuple(e) == tuple(size) for e in mask_extents):
-            return None
+        None when every image covers the whole map (known on the host unless the extents are
+        a tensor, as in the exported graph)."""
         rows = torch.arange(size[0], device=device)
         cols = torch.arange(size[1], device=device)
+        if torch.is_tensor(mask_extents):
+            inside = (rows[:, None] < mask_extents[:, :1, None]) & (cols < mask_extents[:, 1:, None])
+            return inside.flatten(1)[:, None].float()
+        if all(tuple(e) == tuple(size) for e in mask_extents):
+            return None
         inside = [(rows[:, None] < h) & (cols[None, :] < w) for h, w in mask_extents]
         return torch.stack(inside).flatten(1)[:, None].float()
 

@@ -1,0 +1,22 @@
+"""ONNX export of whole SOLOv2 models (pre-processing, network and post-processing in one graph),
+and a predictor that runs exported models in ONNX Runtime; see the README's "Deploy" section.
+
+Command line: ``python -m solov2_d2.export --config-file ... --output DIR [KEY VALUE ...]``.
+"""
+from .graph import (
+    DEFAULT_MAX_CANDIDATES,
+    ExportOutputs,
+    SOLOv2ExportModule,
+    export_onnx,
+    require_export_packages,
+)
+from .predictor import OnnxPredictor
+
+__all__ = [
+    "DEFAULT_MAX_CANDIDATES",
+    "ExportOutputs",
+    "OnnxPredictor",
+    "SOLOv2ExportModule",
+    "export_onnx",
+    "require_export_packages",
+]

@@ -1,0 +1,88 @@
+"""Command line: ``python -m solov2_d2.export --config-file FILE --output DIR [--format onnx]
+[--max-candidates K] [--opset N] [KEY VALUE ...]``, in the manner of detectron2's
+``tools/deploy/export_model.py``: the config's model with its MODEL.WEIGHTS, exported whole
+(pre-processing, network, post-processing with Matrix NMS) to DIR/model.onnx."""
+import argparse
+import os
+import sys
+import time
+
+# Bridges a detectron2 without compiled ops before any detectron2 module is imported.
+import solov2_d2  # noqa: F401  # isort: split
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from ..config import add_solov2_config
+from ..engine import check_weights_are_local
+from .graph import DEFAULT_MAX_CANDIDATES, OPSET, export_onnx
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m solov2_d2.export",
+        description=(
+            "Export a SOLOv2 model to one ONNX file holding the input normalisation, the "
+            "network and the post-processing with Matrix NMS, for a dynamic batch of images of "
+            "dynamic size (multiples of the backbone's size divisibility)."
+        ),
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for model.onnx")
+    parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    parser.add_argument(
+        "--max-candidates",
+        type=int,
+        default=DEFAULT_MAX_CANDIDATES,
+        help=(
+            "the graph's static bound on candidates per image (cells and classes above "
+            "MODEL.SOLOV2.SCORE_THRESH_TEST); results equal the eager model's for images with "
+            "at most this many, more are cut by category score (default: %(default)s)"
+        ),
+    )
+    parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset (default: %(default)s)")
+    parser.add_argument(
+        "opts",
+        default=[],
+        nargs=argparse.REMAINDER,
+        help="config options as KEY VALUE pairs, e.g. MODEL.WEIGHTS model_final.pth",
+    )
+    return parser
+
+
+def setup_cfg(args):
+    cfg = get_cfg()
+    add_solov2_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = "cpu"  # the graph is device-neutral; tracing on the CPU needs no GPU
+    if not cfg.MODEL.WEIGHTS:
+        raise ValueError(
+            "MODEL.WEIGHTS is empty: export a trained model, e.g. "
+            "MODEL.WEIGHTS output/fruit/model_final.pth"
+        )
+    check_weights_are_local(cfg.MODEL.WEIGHTS)
+    cfg.freeze()
+    return cfg
+
+
+def main(argv=None) -> str:
+    args = _parser().parse_args(argv)
+    cfg = setup_cfg(args)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    os.makedirs(args.output, exist_ok=True)
+    path = os.path.join(args.output, "model.onnx")
+    start = time.perf_counter()
+    export_onnx(model, path, max_candidates=args.max_candidates, opset=args.opset)
+    print(
+        f"Wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, opset {args.opset}, at most "
+        f"{args.max_candidates} candidates per image) in {time.perf_counter() - start:.0f} s.",
+        file=sys.stderr,
+    )
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The exported graph: a whole SOLOv2 model as one module of tensors in, tensors out, and its ONNX
+export.
+
+The graph takes a padded batch of raw images and returns padded per-image detections. It is the
+eager model's own code (`SOLOv2.network` and `SOLOv2PostProcessor.detect`) run on one padded
+batch, with the candidates given a static count (`SOLOv2PostProcessor.fixed_candidates`).
+"""
+import copy
+from typing import Dict, NamedTuple, Tuple
+
+import torch
+from torch import nn
+
+from ..deform_conv import ModulatedDeformConv2d
+from ..meta_arch import SOLOv2
+from ..network_policy import mask_extent
+from ..heads import flatten_levels
+from ..postprocess import masks_to_boxes, point_nms
+
+__all__ = [
+    "DEFAULT_MAX_CANDIDATES",
+    "INPUT_NAMES",
+    "OUTPUT_NAMES",
+    "ExportOutputs",
+    "SOLOv2ExportModule",
+    "export_onnx",
+    "require_export_packages",
+]
+
+# Candidates ((cell, class) pairs above the score threshold) the graph scores per image. Trained
+# COCO models give a few hundred on typical images; more are cut by category score.
+DEFAULT_MAX_CANDIDATES = 1000
+# A current opset (ONNX 1.15, run by ONNX Runtime 1.17 and later).
+OPSET = 20
+INPUT_NAMES = ("images", "image_sizes")
+OUTPUT_NAMES = ("scores", "classes", "masks", "boxes", "count", "num_candidates")
+
+
+class ExportOutputs(NamedTuple):
+    """The graph's outputs for a batch of B images, N = `max_per_image` detections each.
+
+    scores: float32 [B, N], descending; 0 for padding.
+    classes: int64 [B, N]; -1 for padding.
+    masks: float32 [B, N, H / s, W / s] mask probabilities at the mask features' stride s of the
+        padded input; 0 outside the image's part (its size padded to the size divisibility).
+    boxes: float32 [B, N, 4] XYXY in input pixels: tight boxes of the masks binarised at the
+        mask threshold at the mask features' resolution, times s, clipped to the image.
+    count: int64 [B], detections per image: the first `count` entries of each row are valid.
+    num_candidates: int64 [B], candidates above the score threshold per image; more than the
+        graph's bound means that the lowest-scored candidates were dropped.
+    """
+
+    scores: torch.Tensor
+    classes: torch.Tensor
+    masks: torch.Tensor
+    boxes: torch.Tensor
+    count: torch.Tensor
+    num_candidates: torch.Tensor
+
+
+class SOLOv2ExportModule(nn.Module):
+    """A :class:`SOLOv2` in inference as a function of tensors, for tracing and export.
+
+    Inputs: `images`, float32 [B, 3, H, W] pixel values in the model's INPUT.FORMAT, H and W
+    multiples of the backbone's size divisibility (the padding's values are ignored), and
+    `image_sizes`, int64 [B, 2], each image's (h, w) before padding. Outputs: see
+    :class:`ExportOutputs`.
+
+    The network runs on the whole padded batch (`NetworkPolicy(per_image=False)`, the default on
+    CUDA): an image's grids cover the batch's padded size, so a smaller image's results depend
+    on its batch, as with eager batches on CUDA.
+    """
+
+    def __init__(self, model: SOLOv2, max_candidates: int = DEFAULT_MAX_CANDIDATES):
+        """
+        Args:
+            model: the model to export, in eval mode.
+            max_candidates: the static bound on candidates per image (see `num_candidates`);
+                results equal the eager model's whenever an image has at most this many.
+        """
+        super().__init__()
+        if max_candidates < 1:
+            raise ValueError(f"max_candidates = {max_candidates}; expected a positive bound.")
+        if any(isinstance(m, ModulatedDeformConv2d) for m in model.modules()):
+            raise NotImplementedError(
+                "Models with deformable convolutions (DCN) cannot be exported: torchvision's "
+                "deform_conv2d has no ONNX conversion."
+            )
+        self.model = model
+        self.postprocessor = copy.copy(model.postprocessor)
+        self.postprocessor.fixed_candidates = max_candidates
+        self.size_divisibility = max(model.backbone.size_divisibility, 1)
+
+    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor) -> ExportOutputs:
+        model, post = self.model, self.postprocessor
+        height, width = images.shape[-2:]
+        # Normalised, then zero padding: the batch that ImageList.from_tensors makes in eager.
+        rows = torch.arange(height, device=images.device)[:, None] < image_sizes[:, :1, None]
+        cols = torch.arange(width, device=images.device) < image_sizes[:, 1:, None]
+        inside = rows & cols  # [B, H, W]
+        x = (images - model.pixel_mean) / model.pixel_std * inside[:, None]
+        cate_logits, kernels, mask_features = model.network(x)
+
+        # Within the mask features: the padded batch covers every image's padded size.
+        extents = mask_extent(image_sizes, self.size_divisibility, model.mask_stride)
+        found = post.detect(cate_logits, kernels, mask_features, extents)
+        binary = found.soft_masks > post.mask_thresh
+        boxes = masks_to_boxes(binary.flatten(0, 1)).view(*binary.shape[:2], 4)
+        limits = image_sizes.flip(1).repeat(1, 2)[:, None].float()  # [B, 1, 4]: w, h, w, h
+        boxes = torch.minimum(boxes * model.mask_stride, limits)
+
+        # Step 1 of detect again, for the count of candidates before the bound.
+        probs = flatten_levels([point_nms(x.float().sigmoid()) for x in cate_logits]).flatten(1)
+        return ExportOutputs(
+            scores=found.scores,
+            classes=found.labels,
+            masks=found.soft_masks,
+            boxes=boxes,
+            count=found.valid.sum(dim=1),
+            num_candidates=(probs > post.score_thresh).sum(dim=1),
+        )
+
+    def sample_inputs(self, batch: int = 2, size: Tuple[int, int] = (256, 320)):
+        """Inputs to trace with: `batch` gray images of `size` rounded up to the divisibility.
+        Sizes of 1 would be specialised by the exporter, hence 2 images of unequal sides."""
+        h, w = (mask_extent(s, self.size_divisibility, 1) for s in size)
+        images = torch.full((batch, 3, h, w), 128.0, device=self.model.device)
+        sizes = torch.tensor([[h, w]] * batch, device=self.model.device)
+        return images, sizes
+
+
+def require_export_packages(*names: str):
+    """Raise ImportError naming the install command when a package of `names` is missing."""
+    missing = []
+    for name in names:
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ImportError(
+            f"ONNX export and inference need {', '.join(missing)}, which are not installed: "
+            "pip install -e .[export]"
+        )
+
+
+def export_onnx(
+    model: SOLOv2,
+    path: str,
+    *,
+    max_candidates: int = DEFAULT_MAX_CANDIDATES,
+    opset: int = OPSET,
+) -> str:
+    """Export `model` (pre-processing, network and post-processing) to the ONNX file `path`,
+    with torch's `torch.export`-based exporter (`dynamo=True`).
+
+    The graph's inputs and outputs are those of :class:`SOLOv2ExportModule`; the batch size and
+    the padded image size (multiples of the size divisibility) are dynamic. The file's metadata
+    (`metadata_props`) holds what a runtime needs to pad the inputs and paste the masks:
+    `solov2.size_divisibility`, `solov2.mask_stride`, `solov2.mask_thresh`, and the bound
+    `solov2.max_candidates`.
+
+    Args:
+        model: the model to export; put in eval mode.
+        path: the output file (weights included).
+        max_candidates: the graph's static bound on candidates per image.
+        opset: the ONNX opset.
+    Returns:
+        `path`.
+    """
+    require_export_packages("onnx", "onnxscript")
+    import onnx
+    from onnxscript.function_libs.torch_lib.ops.core import aten_sort
+
+    def sort_stable(self, stable=None, dim=-1, descending=False):
+        # ONNX TopK, which aten_sort emits, breaks ties by the lower index: a stable sort.
+        return aten_sort(self, dim, descending)
+
+    module = SOLOv2ExportModule(model.eval(), max_candidates)
+    inputs = module.sample_inputs()
+    batch = torch.export.Dim("batch", min=1)
+    divisibility = module.size_divisibility
+    dynamic_shapes = {
+        "images": {
+            0: batch,
+            2: divisibility * torch.export.Dim("height_blocks", min=1),
+            3: divisibility * torch.export.Dim("width_blocks", min=1),
+        },
+        "image_sizes": {0: batch},
+    }
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            inputs,
+            path,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+            custom_translation_table={torch.ops.aten.sort.stable: sort_stable},
+        )
+    proto = onnx.load(path)
+    metadata = {
+        "size_divisibility": divisibility,
+        "mask_stride": model.mask_stride,
+        "mask_thresh": module.postprocessor.mask_thresh,
+        "max_candidates": max_candidates,
+    }
+    onnx.helper.set_model_props(proto, {f"solov2.{k}": str(v) for k, v in metadata.items()})
+    onnx.save(proto, path)
+    return path
