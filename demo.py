@@ -9,6 +9,9 @@ Example:
     python demo.py --config-file configs/fruit/SOLOv2_R18_fruit.yaml \\
         --input ../shared/data/fruit/14.jpg "photos/*.jpg" --output output/demo \\
         --opts MODEL.WEIGHTS output/fruit/model_final.pth
+
+With `--onnx output/fruit/onnx/model.onnx` (written by `python -m solov2_d2.export`), the exported
+model runs in ONNX Runtime instead; the config then gives only the input size.
 """
 import argparse
 import glob
@@ -29,6 +32,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from solov2_d2 import add_solov2_config
 from solov2_d2.checks import check_weights_are_local
+from solov2_d2.export import OnnxPredictor
 from solov2_d2.predictor import SOLOv2Predictor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -39,12 +43,13 @@ def setup_cfg(args):
     add_solov2_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    if not cfg.MODEL.WEIGHTS:
-        raise ValueError(
-            "MODEL.WEIGHTS is empty: the demo needs trained weights, e.g. "
-            "--opts MODEL.WEIGHTS output/fruit/model_final.pth"
-        )
-    check_weights_are_local(cfg.MODEL.WEIGHTS)
+    if not args.onnx:  # an exported model holds its weights
+        if not cfg.MODEL.WEIGHTS:
+            raise ValueError(
+                "MODEL.WEIGHTS is empty: the demo needs trained weights, e.g. "
+                "--opts MODEL.WEIGHTS output/fruit/model_final.pth"
+            )
+        check_weights_are_local(cfg.MODEL.WEIGHTS)
     cfg.freeze()
     return cfg
 
@@ -91,6 +96,11 @@ def get_parser():
         help="minimum score of the instances drawn (default: %(default)s)",
     )
     parser.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="run this exported model (python -m solov2_d2.export) in ONNX Runtime instead",
+    )
+    parser.add_argument(
         "--opts",
         default=[],
         nargs=argparse.REMAINDER,
@@ -105,7 +115,7 @@ def main(args):
     logger = setup_logger(name="solov2_demo")
     cfg = setup_cfg(args)
     files = list_images(args.input)
-    predictor = SOLOv2Predictor(cfg)
+    predictor = OnnxPredictor(cfg, args.onnx) if args.onnx else SOLOv2Predictor(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     os.makedirs(args.output, exist_ok=True)
     outputs = []

@@ -335,7 +335,8 @@ class SOLOv2PostProcessor:
         rows = torch.arange(size[0], device=device)
         cols = torch.arange(size[1], device=device)
         if torch.is_tensor(mask_extents):
-            inside = (rows[:, None] < mask_extents[:, :1, None]) & (cols < mask_extents[:, 1:, None])
+            extents = mask_extents[:, :, None]  # [B, 2, 1]
+            inside = (rows[:, None] < extents[:, :1]) & (cols < extents[:, 1:])  # [B, H_m, W_m]
             return inside.flatten(1)[:, None].float()
         if all(tuple(e) == tuple(size) for e in mask_extents):
             return None

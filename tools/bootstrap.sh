@@ -18,6 +18,8 @@ VENV="${SOLOV2_VENV:-$ROOT/.venv}"
 TORCH_REQ="${SOLOV2_TORCH:-torch==2.14.1 torchvision==0.29.1}"
 D2_SDIST="pb1-detectron2==0.6"
 STAMP="$VENV/.solov2_d2-bootstrap"
+# What a complete environment imports (the project with its test and export extras).
+IMPORTS="import solov2_d2, detectron2.modeling, onnx, onnxscript, onnxruntime"
 
 # Everything that decides what gets installed; a change of any of it re-runs the install.
 fingerprint() {
@@ -30,7 +32,7 @@ fingerprint() {
 log() { echo "[bootstrap] $*" >&2; }
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(fingerprint)" ] \
-    && "$VENV/bin/python" -c "import solov2_d2, detectron2.modeling" 2>/dev/null; then
+    && "$VENV/bin/python" -c "$IMPORTS" 2>/dev/null; then
     log "environment in $VENV is complete"
     exit 0
 fi
@@ -71,9 +73,9 @@ else
     "${PIP[@]}" install -q --no-deps --no-build-isolation "$src"
 fi
 
-log "installing solov2_d2 (editable) with its test tools"
-"${PIP[@]}" install -q --no-build-isolation -e "$ROOT[test]"
+log "installing solov2_d2 (editable) with its test tools and ONNX export"
+"${PIP[@]}" install -q --no-build-isolation -e "$ROOT[test,export]"
 
-"$VENV/bin/python" -c "import solov2_d2, detectron2.modeling"
+"$VENV/bin/python" -c "$IMPORTS"
 fingerprint > "$STAMP"
 log "environment in $VENV is ready"

@@ -10,12 +10,12 @@ import time
 # Bridges a detectron2 without compiled ops before any detectron2 module is imported.
 import solov2_d2  # noqa: F401  # isort: split
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
+from ..checkpoint import SOLOv2Checkpointer
+from ..checks import check_weights_are_local
 from ..config import add_solov2_config
-from ..engine import check_weights_are_local
 from .graph import DEFAULT_MAX_CANDIDATES, OPSET, export_onnx
 
 
@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
             "at most this many, more are cut by category score (default: %(default)s)"
         ),
     )
-    parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset (default: %(default)s)")
+    parser.add_argument(
+        "--opset", type=int, default=OPSET, help="ONNX opset (default: %(default)s)"
+    )
     parser.add_argument(
         "opts",
         default=[],
@@ -57,11 +59,6 @@ def setup_cfg(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.MODEL.DEVICE = "cpu"  # the graph is device-neutral; tracing on the CPU needs no GPU
-    if not cfg.MODEL.WEIGHTS:
-        raise ValueError(
-            "MODEL.WEIGHTS is empty: export a trained model, e.g. "
-            "MODEL.WEIGHTS output/fruit/model_final.pth"
-        )
     check_weights_are_local(cfg.MODEL.WEIGHTS)
     cfg.freeze()
     return cfg
@@ -71,7 +68,8 @@ def main(argv=None) -> str:
     args = _parser().parse_args(argv)
     cfg = setup_cfg(args)
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    # A trained model whole: empty weights or a checkpoint of another config are refused.
+    SOLOv2Checkpointer(model, require_complete=True).load(cfg.MODEL.WEIGHTS)
     os.makedirs(args.output, exist_ok=True)
     path = os.path.join(args.output, "model.onnx")
     start = time.perf_counter()

@@ -6,15 +6,15 @@ eager model's own code (`SOLOv2.network` and `SOLOv2PostProcessor.detect`) run o
 batch, with the candidates given a static count (`SOLOv2PostProcessor.fixed_candidates`).
 """
 import copy
-from typing import Dict, NamedTuple, Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 from torch import nn
 
 from ..deform_conv import ModulatedDeformConv2d
+from ..heads import flatten_levels
 from ..meta_arch import SOLOv2
 from ..network_policy import mask_extent
-from ..heads import flatten_levels
 from ..postprocess import masks_to_boxes, point_nms
 
 __all__ = [
@@ -37,14 +37,17 @@ OUTPUT_NAMES = ("scores", "classes", "masks", "boxes", "count", "num_candidates"
 
 
 class ExportOutputs(NamedTuple):
-    """The graph's outputs for a batch of B images, N = `max_per_image` detections each.
+    """The graph's outputs for a batch of B images, N detections each: N = the smallest of
+    MODEL.SOLOV2.MAX_PER_IMAGE_TEST, PRE_NMS_TOPK_TEST and the candidate bound (100 by default).
 
     scores: float32 [B, N], descending; 0 for padding.
     classes: int64 [B, N]; -1 for padding.
     masks: float32 [B, N, H / s, W / s] mask probabilities at the mask features' stride s of the
-        padded input; 0 outside the image's part (its size padded to the size divisibility).
+        padded input; 0 outside the image's part (its size padded to the size divisibility)
+        and for padding.
     boxes: float32 [B, N, 4] XYXY in input pixels: tight boxes of the masks binarised at the
-        mask threshold at the mask features' resolution, times s, clipped to the image.
+        mask threshold at the mask features' resolution, times s, clipped to the image (within
+        about s pixels of the pasted masks' tight boxes); 0 for padding.
     count: int64 [B], detections per image: the first `count` entries of each row are valid.
     num_candidates: int64 [B], candidates above the score threshold per image; more than the
         graph's bound means that the lowest-scored candidates were dropped.
@@ -104,7 +107,8 @@ class SOLOv2ExportModule(nn.Module):
         # Within the mask features: the padded batch covers every image's padded size.
         extents = mask_extent(image_sizes, self.size_divisibility, model.mask_stride)
         found = post.detect(cate_logits, kernels, mask_features, extents)
-        binary = found.soft_masks > post.mask_thresh
+        masks = found.soft_masks * found.valid[:, :, None, None]  # padding entries: empty
+        binary = masks > post.mask_thresh
         boxes = masks_to_boxes(binary.flatten(0, 1)).view(*binary.shape[:2], 4)
         limits = image_sizes.flip(1).repeat(1, 2)[:, None].float()  # [B, 1, 4]: w, h, w, h
         boxes = torch.minimum(boxes * model.mask_stride, limits)
@@ -114,7 +118,7 @@ class SOLOv2ExportModule(nn.Module):
         return ExportOutputs(
             scores=found.scores,
             classes=found.labels,
-            masks=found.soft_masks,
+            masks=masks,
             boxes=boxes,
             count=found.valid.sum(dim=1),
             num_candidates=(probs > post.score_thresh).sum(dim=1),

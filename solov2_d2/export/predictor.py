@@ -11,6 +11,7 @@ from detectron2.structures import Instances
 
 from ..network_policy import mask_extent
 from ..postprocess import SOLOv2PostProcessor, detections_to_instances
+from ..predictor import image_for_predictor
 from .graph import INPUT_NAMES, OUTPUT_NAMES, require_export_packages
 
 __all__ = ["OnnxPredictor"]
@@ -34,17 +35,26 @@ class OnnxPredictor:
     boxes.
     """
 
-    def __init__(self, cfg, onnx_path: str, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(
+        self,
+        cfg,
+        onnx_path: str,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        session_options=None,
+    ):
         """
         Args:
             cfg: the config the model was exported from (its INPUT.* keys are used).
             onnx_path: the exported file.
             providers: ONNX Runtime execution providers, in order of preference.
+            session_options: `onnxruntime.SessionOptions` (e.g. thread counts), or None.
         """
         require_export_packages("onnxruntime")
         import onnxruntime
 
-        self.session = onnxruntime.InferenceSession(onnx_path, providers=list(providers))
+        self.session = onnxruntime.InferenceSession(
+            onnx_path, sess_options=session_options, providers=list(providers)
+        )
         metadata = self.session.get_modelmeta().custom_metadata_map
         try:
             self.size_divisibility = int(metadata["solov2.size_divisibility"])
@@ -69,15 +79,18 @@ class OnnxPredictor:
     def __call__(self, original_image: np.ndarray) -> Dict[str, Instances]:
         """
         Args:
-            original_image: uint8 [H, W, 3], BGR (as cv2.imread reads it).
+            original_image: uint8 [H, W, 3], BGR (as cv2.imread reads it); others are converted
+                or refused as `SOLOv2Predictor` does (:func:`image_for_predictor`).
         Returns:
             {"instances": Instances} of size (H, W).
         """
+        original_image = image_for_predictor(original_image)
         height, width = original_image.shape[:2]
         if self.input_format == "RGB":
             original_image = original_image[:, :, ::-1]
         image = self.aug.get_transform(original_image).apply_image(original_image)
-        image = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
+        # A grayscale [H, W, 1] image is replicated, as the eager model does.
+        image = torch.as_tensor(image.astype("float32").transpose(2, 0, 1)).expand(3, -1, -1)
         return self.inference([{"image": image, "height": height, "width": width}])[0]
 
     def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
