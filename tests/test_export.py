@@ -137,7 +137,8 @@ def test_batch_of_three_sizes_matches_the_eager_batch(exported):
 
 def test_one_file_runs_two_input_sizes(exported):
     session = onnxruntime.InferenceSession(exported.path, providers=["CPUExecutionProvider"])
-    module = SOLOv2ExportModule(exported.model)
+    # A lower bound than the file's 1000 computes less, with the same results below it.
+    module = SOLOv2ExportModule(exported.model, max_candidates=300)
     for height, width in [(256, 352), (320, 448)]:
         images = model_input(photos()[1], height, width)["image"][None]
         sizes = torch.tensor([[height - 5, width - 20]])  # padding that the graph ignores
@@ -145,7 +146,7 @@ def test_one_file_runs_two_input_sizes(exported):
         with torch.no_grad():
             expected = module(images, sizes)
         assert outputs[2].shape == (1, 100, height // 4, width // 4)
-        assert outputs[4][0] == expected.count[0] > 0
+        assert outputs[4][0] == expected.count[0] > 0 and expected.num_candidates[0] <= 300
         n = int(expected.count[0])
         np.testing.assert_allclose(outputs[0][0, :n], expected.scores[0, :n], atol=1e-4)
         np.testing.assert_array_equal(outputs[1][0, :n], expected.classes[0, :n])
@@ -178,13 +179,13 @@ def test_an_image_without_detections_gives_empty_outputs(exported):
 
 
 def test_the_candidate_bound_changes_nothing_for_images_within_it(exported):
-    module = SOLOv2ExportModule(exported.model)
+    module = SOLOv2ExportModule(exported.model, max_candidates=300)
     images = model_input(photos()[2], 288, 384)["image"][None]
     sizes = torch.tensor([[288, 384]])
     with torch.no_grad():
         wide = module(images, sizes)
         count = int(wide.num_candidates[0])
-        assert 10 < count < 1000
+        assert 10 < count < 300
         exact = SOLOv2ExportModule(exported.model, max_candidates=count)(images, sizes)
         narrow = SOLOv2ExportModule(exported.model, max_candidates=count // 2)(images, sizes)
     n = int(wide.count[0])
