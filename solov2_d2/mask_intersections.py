@@ -8,9 +8,11 @@ __all__ = ["mask_intersections", "mask_intersections_float", "mask_intersections
 def mask_intersections(masks: torch.Tensor) -> torch.Tensor:
     """float32 [B, N, N] pixel counts |m_i & m_j| of binary masks [B, N, P] (bool or 0/1).
 
-    Bool masks on the CPU take the int8 path (identical counts); everything else, the plain one.
+    Bool masks on the CPU take the int8 path (identical counts); everything else, the plain one,
+    and so does an export (the int8 path reinterprets memory and loops over the images).
     """
-    if masks.dtype == torch.bool and masks.device.type == "cpu" and masks.shape[2] >= 8:
+    cpu_bool = masks.dtype == torch.bool and masks.device.type == "cpu"
+    if cpu_bool and masks.shape[2] >= 8 and not torch.compiler.is_exporting():
         return mask_intersections_int8(masks)
     return mask_intersections_float(masks)
 

@@ -42,10 +42,11 @@ def point_nms(scores: torch.Tensor) -> torch.Tensor:
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight boxes of bool masks [N, H, W] as float32 [N, 4] XYXY in detectron2's pixel-edge
-    convention (x1 = first column, x2 = last column + 1); an empty mask gives (0, 0, 0, 0)."""
+    """Tight boxes of bool (or uint8 0/1) masks [N, H, W] as float32 [N, 4] XYXY in detectron2's
+    pixel-edge convention (x1 = first column, x2 = last column + 1); an empty mask gives
+    (0, 0, 0, 0)."""
     # amax of the bytes: faster than any() of bools on the CPU.
-    pixels = masks.view(torch.uint8)
+    pixels = masks.view(torch.uint8) if masks.dtype == torch.bool else masks
     rows, cols = pixels.amax(dim=2) > 0, pixels.amax(dim=1) > 0  # [N, H], [N, W]
     y0, y1 = _first_last(rows)
     x0, x1 = _first_last(cols)

@@ -108,7 +108,8 @@ class SOLOv2ExportModule(nn.Module):
         extents = mask_extent(image_sizes, self.size_divisibility, model.mask_stride)
         found = post.detect(cate_logits, kernels, mask_features, extents)
         masks = found.soft_masks * found.valid[:, :, None, None]  # padding entries: empty
-        binary = masks > post.mask_thresh
+        # uint8: masks_to_boxes reads bool masks through a dtype view, which ONNX does not have.
+        binary = (masks > post.mask_thresh).to(torch.uint8)
         boxes = masks_to_boxes(binary.flatten(0, 1)).view(*binary.shape[:2], 4)
         limits = image_sizes.flip(1).repeat(1, 2)[:, None].float()  # [B, 1, 4]: w, h, w, h
         boxes = torch.minimum(boxes * model.mask_stride, limits)
