@@ -27,8 +27,8 @@ __all__ = [
     "require_export_packages",
 ]
 
-# Candidates ((cell, class) pairs above the score threshold) the graph scores per image. Trained
-# COCO models give a few hundred on typical images; more are cut by category score.
+# Candidates ((cell, class) pairs above the score threshold) the graph scores per image: twice
+# the default PRE_NMS_TOPK_TEST; more are cut by category score.
 DEFAULT_MAX_CANDIDATES = 1000
 # A current opset (ONNX 1.15, run by ONNX Runtime 1.17 and later).
 OPSET = 20
@@ -46,8 +46,8 @@ class ExportOutputs(NamedTuple):
         padded input; 0 outside the image's part (its size padded to the size divisibility)
         and for padding.
     boxes: float32 [B, N, 4] XYXY in input pixels: tight boxes of the masks binarised at the
-        mask threshold at the mask features' resolution, times s, clipped to the image (within
-        about s pixels of the pasted masks' tight boxes); 0 for padding.
+        mask threshold at the mask features' resolution, times s, clipped to the image (a
+        stride-s approximation of the pasted masks' tight boxes); 0 for padding.
     count: int64 [B], detections per image: the first `count` entries of each row are valid.
     num_candidates: int64 [B], candidates above the score threshold per image; more than the
         graph's bound means that the lowest-scored candidates were dropped.
