@@ -333,14 +333,15 @@ class SOLOv2PostProcessor:
         """float32 [B, 1, H_m * W_m]: 1 for the mask pixels inside each image's extent, else 0;
         None when every image covers the whole map (known on the host unless the extents are
         a tensor, as in the exported graph)."""
+        as_data = torch.is_tensor(mask_extents)
+        if not as_data and all(tuple(e) == tuple(size) for e in mask_extents):
+            return None
         rows = torch.arange(size[0], device=device)
         cols = torch.arange(size[1], device=device)
-        if torch.is_tensor(mask_extents):
+        if as_data:
             extents = mask_extents[:, :, None]  # [B, 2, 1]
             inside = (rows[:, None] < extents[:, :1]) & (cols < extents[:, 1:])  # [B, H_m, W_m]
             return inside.flatten(1)[:, None].float()
-        if all(tuple(e) == tuple(size) for e in mask_extents):
-            return None
         inside = [(rows[:, None] < h) & (cols[None, :] < w) for h, w in mask_extents]
         return torch.stack(inside).flatten(1)[:, None].float()
 
