@@ -76,30 +76,17 @@ def launch(
         if num_machines != 1:
             raise ValueError("dist_url 'auto' only works on one machine; give a tcp:// URL.")
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    worker_args = (main_func, world_size, num_processes_per_machine, machine_rank, dist_url)
     mp.spawn(
         _cpu_worker,
         nprocs=num_processes_per_machine,
-        args=(
-            main_func,
-            world_size,
-            num_processes_per_machine,
-            machine_rank,
-            dist_url,
-            args,
-            timeout,
-        ),
+        args=(*worker_args, args, timeout),
         daemon=False,
     )
 
 
 def _cpu_worker(
-    local_rank,
-    main_func,
-    world_size,
-    num_processes_per_machine,
-    machine_rank,
-    dist_url,
-    args,
+    local_rank, main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args,
     timeout,
 ):
     """One CPU process: what detectron2's GPU worker does, with gloo and no GPU binding."""

@@ -263,7 +263,7 @@ class SOLOv2PostProcessor:
             for part in self._chunks(cells.shape[1]):
                 probs = self._mask_probs(mask_features, kernels, cells[:, part], inside)
                 binary = probs > self.mask_thresh
-                areas = binary.sum(dim=2).float()
+                areas = binary.sum(dim=2, dtype=torch.int32).float()
                 # Exact in float64 for thresholds >= 1/64 (probabilities above it are multiples
                 # of 2^-29; 2^24 of them need 53 bits): a sum does not depend on batch padding.
                 soft_sums = probs.masked_fill_(~binary, 0).sum(dim=2, dtype=torch.float64).float()

@@ -6,11 +6,22 @@ import torch
 import torch.nn.functional as F
 from devices import HostSyncCounter, needs_cuda
 
+from solov2_d2 import matrix_nms
 from solov2_d2 import postprocess as pp
+from solov2_d2.mask_intersections import mask_intersections_float
 from solov2_d2.postprocess import SOLOv2PostProcessor, masks_to_boxes, point_nms
 
 GRIDS = [40, 36, 24, 16, 12]
 STRIDES = [8, 8, 16, 32, 32]
+
+
+@pytest.fixture(params=["chosen", "plain"])
+def intersections(request, monkeypatch):
+    """Run a test on the path of this device (int8 intersections on the CPU) and on the plain
+    float32 one."""
+    if request.param == "plain":
+        monkeypatch.setattr(matrix_nms, "mask_intersections", mask_intersections_float)
+    return request.param
 
 
 def _processor(**kwargs):
@@ -139,7 +150,7 @@ def test_boxes_are_the_tight_bounds_of_the_masks():
 
 
 @pytest.mark.parametrize("kernel", ["gaussian", "linear"])
-def test_more_than_500_candidates_equal_the_references_steps(kernel):
+def test_more_than_500_candidates_equal_the_references_steps(kernel, intersections):
     """Every candidate above the threshold is scored before the top 500 (no cap by category
     score), in a batch of images of different sizes and output sizes."""
     sizes = [(128, 160), (100, 130), (61, 75)]
@@ -202,7 +213,7 @@ def _counts(results):
     return [len(r) for r in results]
 
 
-def test_no_candidate_gives_empty_results_of_the_right_types():
+def test_no_candidate_gives_empty_results_of_the_right_types(intersections):
     cate, kernels, feats = _head_outputs(2)
     cate = [torch.full_like(c, -20.0) for c in cate]
     sizes, outputs = [(128, 160), (90, 100)], [(64, 80), (90, 100)]
@@ -215,7 +226,7 @@ def test_no_candidate_gives_empty_results_of_the_right_types():
         assert r.pred_boxes.tensor.shape == (0, 4)
 
 
-def test_one_candidate():
+def test_one_candidate(intersections):
     cate, kernels, feats = _head_outputs(2)
     cate = [torch.full_like(c, -20.0) for c in cate]
     cate[2][1, 3, 5, 7] = 5.0
@@ -225,7 +236,7 @@ def test_one_candidate():
     _assert_equal_to_reference(results, _reference(proc, cate, kernels, feats, [(128, 160)] * 2))
 
 
-def test_every_cell_of_every_class():
+def test_every_cell_of_every_class(intersections):
     """All 3872 cells x 5 classes pass the threshold and point NMS (equal scores)."""
     cate, kernels, feats = _head_outputs(1, mask_size=(16, 20), seed=2)
     cate = [torch.full_like(c, 3.0) for c in cate]
@@ -235,13 +246,13 @@ def test_every_cell_of_every_class():
     _assert_equal_to_reference(results, _reference(proc, cate, kernels, feats, [(64, 80)]))
 
 
-def test_candidates_that_all_fail_the_stride_filter():
+def test_candidates_that_all_fail_the_stride_filter(intersections):
     cate, kernels, feats = _head_outputs(1, seed=3, cate_shift=0.0)
     proc = _processor(strides=[10**6] * 5)  # no mask is larger than its level's stride
     assert _counts(_run(proc, cate, kernels, feats, [(128, 160)])) == [0]
 
 
-def test_all_suppressed_and_update_threshold_above_every_score():
+def test_all_suppressed_and_update_threshold_above_every_score(intersections):
     cate, kernels, feats = _head_outputs(1, seed=3, cate_shift=-2.0)
     # Identical masks of one class: with the linear kernel all but the best decay to 0.
     kernels = [torch.zeros_like(k) for k in kernels]
