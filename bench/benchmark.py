@@ -520,7 +520,7 @@ def markdown(results) -> str:
         + "); the huge photo goes through DefaultPredictor, which resizes it for the network "
         "and returns masks of the photo's size:",
         "",
-        "| model | input | batch | load | candidates | detections | output masks MB | peak MB | "
+        "| model | input | batch | load | candidates | detections | output masks per image MB | peak MB | "
         "over the loaded model MB |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
