@@ -120,9 +120,9 @@ class SOLOv2PostProcessor:
        output size (bilinear) and thresholded; boxes are the masks' tight boxes.
 
     Memory is bounded without dropping candidates: masks are computed for `chunk_size`
-    candidates at a time, and only three numbers per candidate are kept (step 3-5); the masks
-    of the top `pre_nms_topk` are computed again for the NMS, and those of the kept detections
-    for the output. `max_candidates` > 0 caps the candidates by category score before any mask
+    candidates at a time; scores and binary masks are pooled and the pool is cut to the top
+    `pre_nms_topk` whenever it exceeds twice that (steps 3-6); the soft masks of the kept
+    detections are computed again for the output. `max_candidates` > 0 caps the candidates by category score before any mask
     exists (off by default: it changes results where more candidates pass). `fixed_candidates`
     > 0 gives the candidates a static count instead (for export, where no size may depend on the
     data): exactly that many, padded with invalid entries, so that results are unchanged for
