@@ -16,8 +16,6 @@ over ``memory_allocated`` before it. Prints a Markdown table; ``--json`` also pr
 """
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -25,12 +23,11 @@ import torch
 import solov2_d2  # noqa: F401  # isort: split
 
 from bench_targets import random_instances
+from peak_memory import peak_memory_mb, run_in_fresh_process
 
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
-
-from solov2_d2.targets import assign_targets
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("iteration", "losses")
@@ -101,25 +98,10 @@ def _losses(model, cfg, inputs):
     return step
 
 
-def _proc_status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
 def positive_cells(model, inputs) -> int:
     """The number of positive cells of the batch (the masks the Dice loss is computed for)."""
-    targets = assign_targets(
-        [x["instances"].to(model.device) for x in inputs],
-        _padded_shape(model, inputs)[-2:],
-        model.num_grids,
-        model.scale_ranges,
-        model.sigma,
-        model.num_classes,
-        model.mask_stride,
-    )
+    gt = [x["instances"].to(model.device) for x in inputs]
+    targets = model.assign_targets(gt, _padded_shape(model, inputs)[-2:])
     return int((targets.matched >= 0).sum())
 
 
@@ -130,35 +112,17 @@ def measure_child(spec: dict) -> dict:
     inputs = _inputs(spec, cfg.MODEL.SOLOV2.NUM_CLASSES)
     positives = positive_cells(model, inputs)
     step = {"iteration": _iteration, "losses": _losses}[spec["part"]](model, cfg, inputs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device) / 2**20
-        step()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        before = _proc_status_mb("VmRSS")
-        step()
-        peak = _proc_status_mb("VmHWM")
+    _, peak, increase = peak_memory_mb(step, device)
     return {
         "peak_mb": round(peak, 1),
-        "increase_mb": round(peak - before, 1),
+        "increase_mb": round(increase, 1),
         "positive_cells": positives,
     }
 
 
 def measure(spec: dict) -> dict:
     """Run `measure_child` in a fresh process (so earlier parts leave nothing behind)."""
-    run = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return dict(spec, **json.loads(run.stdout.strip().splitlines()[-1]))
+    return run_in_fresh_process(__file__, "--child", spec)
 
 
 def main():

@@ -37,8 +37,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
@@ -51,6 +49,7 @@ import solov2_d2  # noqa: E402,F401  # isort: split
 
 from bench_matrix_nms import median_ms, run_case  # noqa: E402
 from bench_targets import random_instances, time_target_assignment  # noqa: E402
+from peak_memory import peak_memory_mb, run_in_fresh_process  # noqa: E402
 
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
@@ -359,14 +358,6 @@ def bench_training(name, size, images, repeats, device) -> float:
     return median_ms([step], device, warmup=1, repeats=repeats)[0]
 
 
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def peak_memory_child(spec: dict) -> dict:
     """In this (fresh) process: peak memory of one inference under a forced load; with
     "image" in `spec`, of DefaultPredictor on a random BGR image of that size."""
@@ -386,20 +377,8 @@ def peak_memory_child(spec: dict) -> dict:
     ForcedCandidates(spec["candidates"], heavy=spec["load"] == "heavy").attach(model)
     with torch.no_grad():
         warm_up()  # lazily created state is not the inference's
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            outputs = run()
-            peak = torch.cuda.max_memory_allocated(device)
-            result = {"peak_mb": peak / 2**20, "increase_mb": (peak - before) / 2**20}
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            before = _proc_status_kb("VmRSS")
-            outputs = run()
-            peak = _proc_status_kb("VmHWM")
-            result = {"peak_mb": peak / 1024, "increase_mb": (peak - before) / 1024}
+        outputs, peak, increase = peak_memory_mb(run, device)
+    result = {"peak_mb": peak, "increase_mb": increase}
     instances = outputs["instances"] if isinstance(outputs, dict) else outputs[0]["instances"]
     result["detections"] = len(instances)
     result["output_masks_mb"] = instances.pred_masks.numel() / 2**20
@@ -411,13 +390,7 @@ def peak_memory(model, size, batch, candidates, device, load, image=None) -> dic
     spec["load"] = load
     if image is not None:
         spec["image"] = list(image)
-    run = subprocess.run(
-        [sys.executable, __file__, "--peak-memory-child", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return dict(spec, **json.loads(run.stdout.strip().splitlines()[-1]))
+    return run_in_fresh_process(__file__, "--peak-memory-child", spec)
 
 
 def machine(device) -> dict:
@@ -520,8 +493,8 @@ def markdown(results) -> str:
         + "); the huge photo goes through DefaultPredictor, which resizes it for the network "
         "and returns masks of the photo's size:",
         "",
-        "| model | input | batch | load | candidates | detections | output masks per image MB | peak MB | "
-        "over the loaded model MB |",
+        "| model | input | batch | load | candidates | detections | output masks per image MB | "
+        "peak MB | over the loaded model MB |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in results["peak_memory"]:
