@@ -16,7 +16,6 @@ over ``memory_allocated`` before it. Prints a Markdown table; ``--json`` also pr
 """
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -24,21 +23,16 @@ import solov2_d2  # noqa: F401  # isort: split
 
 from bench_targets import random_instances
 from peak_memory import peak_memory_mb, run_in_fresh_process
+from random_model import random_model_cfg
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 
-REPO = Path(__file__).resolve().parents[1]
 PARTS = ("iteration", "losses")
 
 
 def _build(config: str, device: str):
-    cfg = get_cfg()
-    solov2_d2.add_solov2_config(cfg)
-    cfg.merge_from_file(str(REPO / config))
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = device
+    cfg = random_model_cfg(config, device)
     torch.manual_seed(0)
     return build_model(cfg).train(), cfg
 

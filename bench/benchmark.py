@@ -50,8 +50,8 @@ import solov2_d2  # noqa: E402,F401  # isort: split
 from bench_matrix_nms import median_ms, run_case  # noqa: E402
 from bench_targets import random_instances, time_target_assignment  # noqa: E402
 from peak_memory import peak_memory_mb, run_in_fresh_process  # noqa: E402
+from random_model import random_model_cfg  # noqa: E402
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
@@ -69,18 +69,9 @@ LOADS = ["none", "compact", "heavy"]
 HUGE_IMAGE = (6000, 8000)
 
 
-def build_cfg(config: str, device: str):
-    cfg = get_cfg()
-    solov2_d2.add_solov2_config(cfg)
-    cfg.merge_from_file(str(REPO / config))
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = device
-    return cfg
-
-
 def build(config: str, device: str, train: bool = False):
     """A SOLOv2 model of `config` with random weights (seed 0)."""
-    cfg = build_cfg(config, device)
+    cfg = random_model_cfg(config, device)
     torch.manual_seed(0)
     return build_model(cfg).train(train)
 
@@ -362,7 +353,7 @@ def peak_memory_child(spec: dict) -> dict:
     """In this (fresh) process: peak memory of one inference under a forced load; with
     "image" in `spec`, of DefaultPredictor on a random BGR image of that size."""
     device = torch.device(spec["device"])
-    cfg = build_cfg(MODELS[spec["model"]], spec["device"])
+    cfg = random_model_cfg(MODELS[spec["model"]], spec["device"])
     torch.manual_seed(0)
     if "image" in spec:
         predictor = DefaultPredictor(cfg)

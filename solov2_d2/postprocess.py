@@ -122,8 +122,9 @@ class SOLOv2PostProcessor:
     Memory is bounded without dropping candidates: masks are computed for `chunk_size`
     candidates at a time; scores and binary masks are pooled and the pool is cut to the top
     `pre_nms_topk` whenever it exceeds twice that (steps 3-6); the soft masks of the kept
-    detections are computed again for the output. `max_candidates` > 0 caps the candidates by category score before any mask
-    exists (off by default: it changes results where more candidates pass). `fixed_candidates`
+    detections are computed again for the output. `max_candidates` > 0 caps the candidates by
+    category score before any mask exists (off by default: it changes results where more
+    candidates pass). `fixed_candidates`
     > 0 gives the candidates a static count instead (for export, where no size may depend on the
     data): exactly that many, padded with invalid entries, so that results are unchanged for
     images with at most that many candidates.
@@ -290,6 +291,9 @@ class SOLOv2PostProcessor:
             rank = sort_descending(scores, valid)
             if self.max_per_image > 0:
                 rank = rank[:, : self.max_per_image]
+            if self.fixed_candidates == 0:
+                # Host read: no output mask is computed for padding (an export keeps the shape).
+                rank = rank[:, : int(valid.sum(dim=1).max())]
             scores, cells, labels, valid = (
                 x.gather(1, rank) for x in (scores, cells, labels, valid)
             )

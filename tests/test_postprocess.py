@@ -334,15 +334,16 @@ def test_channels_last_mask_features_give_the_same_results():
         assert torch.equal(x.scores, y.scores) and torch.equal(x.pred_masks, y.pred_masks)
 
 
-def test_post_processing_waits_for_the_device_twice_per_batch():
-    """The candidate count (to size the padding) and the detection counts (the sizes of the
-    Instances): the host waits for a GPU twice per batch, whatever the candidates."""
+def test_post_processing_waits_for_the_device_three_times_per_batch():
+    """The candidate count (to size the padding), the largest detection count (no output mask
+    for padding) and the detection counts (the sizes of the Instances): the host waits for a GPU
+    three times per batch, whatever the candidates."""
     cate, kernels, feats = _head_outputs(3, seed=4, cate_shift=-1.0)
     sizes = [(128, 160), (100, 130), (61, 75)]
     with HostSyncCounter() as counter:
         results = _run(_processor(), cate, kernels, feats, sizes)
     assert sum(len(r) for r in results) > 10
-    assert counter.syncs == ["_local_scalar_dense", "tolist"]
+    assert counter.syncs == ["_local_scalar_dense", "_local_scalar_dense", "tolist"]
 
 
 def test_masks_are_computed_only_for_candidates_above_the_threshold(monkeypatch):
