@@ -57,6 +57,10 @@ def add_solov2_config(cfg):
     _C.MAX_MASK_CANDIDATES = 0
     # Candidates whose masks are computed at once: bounds memory without dropping candidates.
     _C.MASK_CHUNK_SIZE = 256
+    # "plain": post-processing as specified, every pixel of every candidate mask; "fast": only
+    # the blocks of pixels where a mask may pass MASK_THRESH_TEST, when scoring masks and when
+    # pasting them (same results); "auto": fast on the CPU, plain elsewhere.
+    _C.INFERENCE_PATH = "auto"
     _C.MASK_THRESH_TEST = 0.5
     _C.PRE_NMS_TOPK_TEST = 500
     _C.NMS_KERNEL = "gaussian"  # or "linear"
@@ -105,6 +109,11 @@ def check_solov2_config(cfg):
         raise ValueError(
             f"MODEL.SOLOV2.MAX_MASK_CANDIDATES = {c.MAX_MASK_CANDIDATES}; expected 0 (no cap) "
             "or a positive cap."
+        )
+    if c.INFERENCE_PATH not in ("auto", "plain", "fast"):
+        raise ValueError(
+            f"MODEL.SOLOV2.INFERENCE_PATH = {c.INFERENCE_PATH!r}; expected 'auto', 'plain' or "
+            "'fast'."
         )
     if not 0 <= c.MASK_THRESH_TEST < 1:
         raise ValueError(

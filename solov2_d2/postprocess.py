@@ -13,7 +13,10 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
+from .block_masks import MaskBlocks
+from .cropped_paste import paste_cropped
 from .heads import dynamic_mask_logits, flatten_levels
+from .mask_boxes import masks_to_boxes
 from .matrix_nms import matrix_nms_decay, sort_descending
 
 __all__ = [
@@ -26,7 +29,7 @@ __all__ = [
 
 # Pasting works on at most this many bytes of float masks at a time, so that the memory of a
 # huge output image is its bool masks plus this.
-_PASTE_CHUNK_BYTES = 1 << 28
+_PASTE_CHUNK_BYTES = 1 << 24
 
 
 def point_nms(scores: torch.Tensor) -> torch.Tensor:
@@ -41,26 +44,21 @@ def point_nms(scores: torch.Tensor) -> torch.Tensor:
     return scores * (pooled == scores)
 
 
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight boxes of bool (or uint8 0/1) masks [N, H, W] as float32 [N, 4] XYXY in detectron2's
-    pixel-edge convention (x1 = first column, x2 = last column + 1); an empty mask gives
-    (0, 0, 0, 0)."""
-    # amax of the bytes: faster than any() of bools on the CPU.
-    pixels = masks.view(torch.uint8) if masks.dtype == torch.bool else masks
-    rows, cols = pixels.amax(dim=2) > 0, pixels.amax(dim=1) > 0  # [N, H], [N, W]
-    y0, y1 = _first_last(rows)
-    x0, x1 = _first_last(cols)
-    boxes = torch.stack([x0, y0, x1 + 1, y1 + 1], dim=1).float()
-    return boxes * rows.any(dim=1, keepdim=True)
+def _cell_kernels(kernels: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """The kernels [B, n, D] of the cells int64 [B, n], out of all cells' kernels [B, T, D]."""
+    return kernels.gather(1, cells[..., None].expand(-1, -1, kernels.shape[2]))
 
 
-def _first_last(flags: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """int64 [N] indices of the first and last True of each row of bool [N, L] (0 and L - 1
-    for a row without any)."""
-    index = torch.arange(flags.shape[1], device=flags.device)
-    first = torch.where(flags, index, flags.shape[1]).amin(dim=1)
-    last = torch.where(flags, index, -1).amax(dim=1)
-    return first.clamp(max=flags.shape[1] - 1), last.clamp(min=0)
+def _exact_sums(probs: torch.Tensor) -> torch.Tensor:
+    """float32 [B, n] sums over the last dimension of probabilities [B, n, P] that are 0 or above
+    the mask threshold, exact in float64 for thresholds >= 1/64: such probabilities are multiples
+    of 2^-29, and 2^24 of them need 53 bits. Exact sums depend neither on the order of the pixels
+    nor on the batch's padding."""
+    # A few rows at a time: a float64 copy of the whole chunk would be a fresh allocation each
+    # time, slow to fault in.
+    rows = max(1, (1 << 24) // max(1, 8 * probs.shape[0] * probs.shape[2]))
+    sums = [x.sum(dim=2, dtype=torch.float64) for x in probs.split(rows, dim=1)]
+    return torch.cat(sums, dim=1).float()
 
 
 def detections_to_instances(
@@ -149,6 +147,7 @@ class SOLOv2PostProcessor:
         max_candidates: int = 0,
         chunk_size: int = 256,
         fixed_candidates: int = 0,
+        inference_path: str = "auto",
     ):
         """
         Args:
@@ -165,6 +164,12 @@ class SOLOv2PostProcessor:
             chunk_size: candidates whose masks are computed at once.
             fixed_candidates: if > 0, the static number of candidates per image (the top by
                 category score); 0: as many as the image of the batch with the most.
+            inference_path: "plain", every pixel of every mask as specified above; "fast",
+                only the blocks of pixels where a mask may pass the threshold, when scoring
+                candidates (:class:`MaskBlocks`) and when pasting where the output has the
+                input's size (:func:`paste_cropped`), with the same results (each falls back to
+                the plain path where most pixels may pass); "auto", fast on the CPU outside an
+                export and plain elsewhere.
         """
         self.strides = list(strides)
         self.mask_stride = mask_stride
@@ -178,6 +183,7 @@ class SOLOv2PostProcessor:
         self.max_candidates = max_candidates
         self.chunk_size = chunk_size
         self.fixed_candidates = fixed_candidates
+        self.inference_path = inference_path
 
     @classmethod
     def from_config(cls, cfg, mask_stride: int):
@@ -194,6 +200,7 @@ class SOLOv2PostProcessor:
             "max_per_image": c.MAX_PER_IMAGE_TEST,
             "max_candidates": c.MAX_MASK_CANDIDATES,
             "chunk_size": c.MASK_CHUNK_SIZE,
+            "inference_path": c.INFERENCE_PATH,
         }
 
     @torch.no_grad()
@@ -261,13 +268,8 @@ class SOLOv2PostProcessor:
             # the candidates pooled so far are cut to the top `pre_nms_topk` whenever they
             # exceed twice that, keeping the binary masks that Matrix NMS needs.
             pool, pooled = [], 0
-            for part in self._chunks(cells.shape[1]):
-                probs = self._mask_probs(mask_features, kernels, cells[:, part], inside)
-                binary = probs > self.mask_thresh
-                areas = binary.sum(dim=2, dtype=torch.int32).float()
-                # Exact in float64 for thresholds >= 1/64 (probabilities above it are multiples
-                # of 2^-29; 2^24 of them need 53 bits): a sum does not depend on batch padding.
-                soft_sums = probs.masked_fill_(~binary, 0).sum(dim=2, dtype=torch.float64).float()
+            chunks = self._scored_chunks(mask_features, kernels, cells, valid, inside)
+            for part, areas, soft_sums, binary in chunks:
                 pool.append(
                     _Ranked(
                         scores[:, part] * (soft_sums / areas.clamp(min=1)),  # maskness
@@ -349,15 +351,56 @@ class SOLOv2PostProcessor:
         inside = [(rows[:, None] < h) & (cols[None, :] < w) for h, w in mask_extents]
         return torch.stack(inside).flatten(1)[:, None].float()
 
-    def _chunks(self, count: int) -> List[slice]:
-        """Slices of `chunk_size` candidates out of `count` (one, empty, if there is none)."""
-        return [slice(i, i + self.chunk_size) for i in range(0, max(count, 1), self.chunk_size)]
+    def _chunks(self, count: int, size: int = 0, start: int = 0) -> List[slice]:
+        """Slices of `size` (default `chunk_size`) candidates out of `count` from `start` (one,
+        empty, if there is none)."""
+        size = size or self.chunk_size
+        stop = start + count
+        return [slice(i, min(i + size, stop)) for i in range(start, max(stop, start + 1), size)]
+
+    def _fast(self, device: torch.device) -> bool:
+        """Whether the fast paths run (`inference_path`)."""
+        if self.inference_path == "auto":
+            return device.type == "cpu" and not torch.compiler.is_exporting()
+        return self.inference_path == "fast"
+
+    def _mask_blocks(self, mask_features, kernels, inside) -> Optional[MaskBlocks]:
+        """The fast path of steps 3-4 for this batch, or None (also for kernels larger than
+        1 x 1)."""
+        if not self._fast(mask_features.device) or kernels.shape[2] != mask_features.shape[1]:
+            return None
+        return MaskBlocks(mask_features, inside)
+
+    def _scored_chunks(self, mask_features, kernels, cells, valid, inside):
+        """Steps 3-4, a chunk of candidates at a time. Yields per chunk its slice of the
+        candidates `cells` [B, K] (valid: bool [B, K]), float32 areas [B, n], float32 sums of
+        the probabilities above the threshold [B, n] and bool binary masks [B, n, H_m * W_m].
+
+        The fast path (`_mask_blocks`) takes 4 x `chunk_size` candidates at a time (it holds
+        bool masks where the plain path holds float32 probabilities) and gives the same results;
+        chunks where most pixels may pass take the plain path, `chunk_size` at a time.
+        """
+        blocks = self._mask_blocks(mask_features, kernels, inside)
+        size = 4 * self.chunk_size if blocks is not None else self.chunk_size
+        for part in self._chunks(cells.shape[1], size):
+            if blocks is not None:
+                chunk = _cell_kernels(kernels, cells[:, part])
+                found = blocks.score(chunk, valid[:, part], self.mask_thresh)
+                if found is not None:
+                    areas, soft_sums, binary = found
+                    yield part, areas.float(), soft_sums.float(), binary
+                    continue
+            for sub in self._chunks(part.stop - part.start, start=part.start):
+                probs = self._mask_probs(mask_features, kernels, cells[:, sub], inside)
+                binary = probs > self.mask_thresh
+                areas = binary.sum(dim=2, dtype=torch.int32).float()
+                yield sub, areas, _exact_sums(F.threshold_(probs, self.mask_thresh, 0.0)), binary
 
     def _mask_probs(self, mask_features, kernels, cells, inside) -> torch.Tensor:
         """Step 3: float32 [B, n, H_m * W_m] mask probabilities of the candidates `cells`
         [B, n], 0 outside each image's extent (`inside`; None: every pixel is inside)."""
-        chunk = kernels.gather(1, cells[..., None].expand(-1, -1, kernels.shape[2]))
-        probs = dynamic_mask_logits(mask_features, chunk).flatten(2).sigmoid_()
+        logits = dynamic_mask_logits(mask_features, _cell_kernels(kernels, cells))
+        probs = logits.flatten(2).sigmoid_()
         return probs if inside is None else probs.mul_(inside)
 
     def _top(self, pool: List["_Ranked"]) -> "_Ranked":
@@ -379,6 +422,12 @@ class SOLOv2PostProcessor:
         Masks are processed a few at a time, so that the float intermediates stay within
         `_PASTE_CHUNK_BYTES` whatever the output size.
         """
+        if tuple(output_size) == tuple(image_size) and self._fast(soft.device):
+            found = paste_cropped(
+                soft, self.mask_thresh, self.mask_stride, image_size, _PASTE_CHUNK_BYTES
+            )
+            if found is not None:
+                return found
         num, h_m, w_m = soft.shape
         height, width = output_size
         masks = torch.empty((num, height, width), dtype=torch.bool, device=soft.device)

@@ -1,0 +1,82 @@
+"""The fast path of pasting (step 7) where the output has the network input's size: each mask
+is upsampled only around the pixels that can pass the threshold.
+
+An upsampled pixel is a convex combination of its (at most 4) neighbours in the mask, so it can
+pass the threshold only next to a mask pixel within a small margin of it; everywhere else it is
+False. Each mask is upsampled over a crop of the mask map with 2 pixels around those: inside the
+crop, bilinear upsampling by an integer factor computes the same coordinates and weights as over
+the whole map (the crop starts at a multiple of the factor), so the pasted masks equal the plain
+path's.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .mask_boxes import first_last, masks_to_boxes
+
+__all__ = ["paste_cropped"]
+
+# Mask pixels this far below the threshold cannot produce an upsampled value above it.
+_MARGIN = 1e-3
+# Above this fraction of the map covered by the crops, upsampling everything is cheaper.
+_DENSE_FRACTION = 0.5
+
+
+def paste_cropped(
+    soft: torch.Tensor, thresh: float, stride: int, image_size: Tuple[int, int], max_bytes: int
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Threshold the bilinear upsampling (align_corners False) by `stride` of mask probabilities
+    float32 [N, h_m, w_m], cropped to `image_size` (h, w): bool [N, h, w] masks and their float32
+    [N, 4] XYXY boxes; None where the crops would cover most of the map.
+
+    Masks are processed in chunks of similar crop sizes, each within `max_bytes` of float, index
+    and bool intermediates.
+    """
+    num, h_m, w_m = soft.shape
+    near = soft > thresh - _MARGIN
+    y0, y1 = first_last(near.any(dim=2))
+    x0, x1 = first_last(near.any(dim=1))
+    # An empty mask gets a crop of one pixel.
+    empty = ~near.flatten(1).any(dim=1)
+    top, bottom = (y0 - 2).clamp(min=0), (y1 + 3).clamp(max=h_m).masked_fill(empty, 1)
+    left, right = (x0 - 2).clamp(min=0), (x1 + 3).clamp(max=w_m).masked_fill(empty, 1)
+    top, left = top.masked_fill(empty, 0), left.masked_fill(empty, 0)
+    heights, widths = bottom - top, right - left
+    if int((heights * widths).sum()) > _DENSE_FRACTION * num * h_m * w_m:
+        return None
+    height, width = image_size
+    masks = soft.new_zeros((num, height, width), dtype=torch.bool)
+    boxes = soft.new_zeros((num, 4))
+    areas = heights * widths
+    order = areas.argsort()
+    flat_masks = masks.view(torch.uint8).view(-1)
+    per_pixel = 13 * stride * stride  # float, int64 and bool intermediates per upsampled pixel
+    start = 0
+    while start < num:
+        # A chunk sized by its first crop, then cut to the largest crop it holds.
+        count = max(1, max_bytes // (per_pixel * max(1, int(areas[order[start]]))))
+        index = order[start : start + count]
+        count = max(1, max_bytes // (per_pixel * int(heights[index].max() * widths[index].max())))
+        index = index[:count]
+        start += index.shape[0]
+        hc, wc = int(heights[index].max()), int(widths[index].max())
+        # Crops of the common size, moved back where they would pass the map's edge.
+        rows = top[index].clamp(max=h_m - hc)[:, None] + torch.arange(hc)  # [k, hc]
+        cols = left[index].clamp(max=w_m - wc)[:, None] + torch.arange(wc)  # [k, wc]
+        crops = soft[index[:, None, None], rows[:, :, None], cols[:, None, :]]
+        size = (hc * stride, wc * stride)
+        up = F.interpolate(crops[:, None], size=size, mode="bilinear", align_corners=False)
+        out_rows = rows[:, :1] * stride + torch.arange(size[0])  # [k, stride * hc]
+        out_cols = cols[:, :1] * stride + torch.arange(size[1])
+        inside = (out_rows < height)[:, :, None] & (out_cols < width)[:, None, :]
+        up = (up[:, 0] > thresh) & inside
+        found = masks_to_boxes(up)
+        offset = torch.stack([out_cols[:, 0], out_rows[:, 0]] * 2, dim=1)
+        boxes[index] = (found + offset) * found.any(dim=1, keepdim=True)
+        # Added, not written: positions past the image's edge, clamped onto it, add 0.
+        rows_px = out_rows.clamp(max=height - 1)[:, :, None] * width
+        cols_px = out_cols.clamp(max=width - 1)[:, None, :]
+        target = (index * height * width)[:, None, None] + rows_px + cols_px
+        flat_masks.index_add_(0, target.flatten(), up.flatten().view(torch.uint8))
+    return masks, boxes
