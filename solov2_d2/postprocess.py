@@ -54,6 +54,8 @@ def _exact_sums(probs: torch.Tensor) -> torch.Tensor:
     the mask threshold, exact in float64 for thresholds >= 1/64: such probabilities are multiples
     of 2^-29, and 2^24 of them need 53 bits. Exact sums depend neither on the order of the pixels
     nor on the batch's padding."""
+    if torch.compiler.is_exporting():  # the sizes are symbolic there
+        return probs.sum(dim=2, dtype=torch.float64).float()
     # A few rows at a time: a float64 copy of the whole chunk would be a fresh allocation each
     # time, slow to fault in.
     rows = max(1, (1 << 24) // max(1, 8 * probs.shape[0] * probs.shape[2]))
@@ -406,12 +408,13 @@ class SOLOv2PostProcessor:
     def _top(self, pool: List["_Ranked"]) -> "_Ranked":
         """The top `pre_nms_topk` valid candidates of the pool by descending score; ties keep
         their order in the pool (that of the candidates)."""
-        merged = _Ranked(*(torch.cat(parts, dim=1) for parts in zip(*pool)))
+        merged = pool[0] if len(pool) == 1 else _Ranked(*(torch.cat(x, dim=1) for x in zip(*pool)))
         order = sort_descending(merged.scores, merged.valid)
         if self.pre_nms_topk > 0:
             order = order[:, : self.pre_nms_topk]
-        index = order[..., None].expand(-1, -1, merged.binary.shape[2])
-        return _Ranked(*(x.gather(1, order) for x in merged[:4]), merged.binary.gather(1, index))
+        # Rows by advanced indexing: a copy of whole masks, much faster than an elementwise gather.
+        images = torch.arange(order.shape[0], device=order.device)[:, None]
+        return _Ranked(*(x.gather(1, order) for x in merged[:4]), merged.binary[images, order])
 
     def paste(
         self, soft: torch.Tensor, image_size: Tuple[int, int], output_size: Tuple[int, int]

@@ -16,11 +16,12 @@ STRIDES = [8, 8, 16, 32, 32]
 
 
 @pytest.fixture(params=["chosen", "plain"])
-def intersections(request, monkeypatch):
-    """Run a test on the path of this device (int8 intersections on the CPU) and on the plain
-    float32 one."""
+def path(request, monkeypatch):
+    """Run a test on the paths of this device (on the CPU: block-bounded mask scoring, cropped
+    pasting, int8 intersections) and on the plain ones."""
     if request.param == "plain":
         monkeypatch.setattr(matrix_nms, "mask_intersections", mask_intersections_float)
+        monkeypatch.setattr(SOLOv2PostProcessor, "_fast", lambda self, device: False)
     return request.param
 
 
@@ -150,7 +151,7 @@ def test_boxes_are_the_tight_bounds_of_the_masks():
 
 
 @pytest.mark.parametrize("kernel", ["gaussian", "linear"])
-def test_more_than_500_candidates_equal_the_references_steps(kernel, intersections):
+def test_more_than_500_candidates_equal_the_references_steps(kernel, path):
     """Every candidate above the threshold is scored before the top 500 (no cap by category
     score), in a batch of images of different sizes and output sizes."""
     sizes = [(128, 160), (100, 130), (61, 75)]
@@ -213,7 +214,7 @@ def _counts(results):
     return [len(r) for r in results]
 
 
-def test_no_candidate_gives_empty_results_of_the_right_types(intersections):
+def test_no_candidate_gives_empty_results_of_the_right_types(path):
     cate, kernels, feats = _head_outputs(2)
     cate = [torch.full_like(c, -20.0) for c in cate]
     sizes, outputs = [(128, 160), (90, 100)], [(64, 80), (90, 100)]
@@ -226,7 +227,7 @@ def test_no_candidate_gives_empty_results_of_the_right_types(intersections):
         assert r.pred_boxes.tensor.shape == (0, 4)
 
 
-def test_one_candidate(intersections):
+def test_one_candidate(path):
     cate, kernels, feats = _head_outputs(2)
     cate = [torch.full_like(c, -20.0) for c in cate]
     cate[2][1, 3, 5, 7] = 5.0
@@ -236,7 +237,7 @@ def test_one_candidate(intersections):
     _assert_equal_to_reference(results, _reference(proc, cate, kernels, feats, [(128, 160)] * 2))
 
 
-def test_every_cell_of_every_class(intersections):
+def test_every_cell_of_every_class(path):
     """All 3872 cells x 5 classes pass the threshold and point NMS (equal scores)."""
     cate, kernels, feats = _head_outputs(1, mask_size=(16, 20), seed=2)
     cate = [torch.full_like(c, 3.0) for c in cate]
@@ -246,13 +247,13 @@ def test_every_cell_of_every_class(intersections):
     _assert_equal_to_reference(results, _reference(proc, cate, kernels, feats, [(64, 80)]))
 
 
-def test_candidates_that_all_fail_the_stride_filter(intersections):
+def test_candidates_that_all_fail_the_stride_filter(path):
     cate, kernels, feats = _head_outputs(1, seed=3, cate_shift=0.0)
     proc = _processor(strides=[10**6] * 5)  # no mask is larger than its level's stride
     assert _counts(_run(proc, cate, kernels, feats, [(128, 160)])) == [0]
 
 
-def test_all_suppressed_and_update_threshold_above_every_score(intersections):
+def test_all_suppressed_and_update_threshold_above_every_score(path):
     cate, kernels, feats = _head_outputs(1, seed=3, cate_shift=-2.0)
     # Identical masks of one class: with the linear kernel all but the best decay to 0.
     kernels = [torch.zeros_like(k) for k in kernels]
@@ -335,13 +336,13 @@ def test_channels_last_mask_features_give_the_same_results():
 
 
 def test_post_processing_waits_for_the_device_three_times_per_batch():
-    """The candidate count (to size the padding), the largest detection count (no output mask
-    for padding) and the detection counts (the sizes of the Instances): the host waits for a GPU
-    three times per batch, whatever the candidates."""
+    """On the plain path (that of GPUs): the candidate count (to size the padding), the largest
+    detection count (no output mask for padding) and the detection counts (the sizes of the
+    Instances): the host waits for a GPU three times per batch, whatever the candidates."""
     cate, kernels, feats = _head_outputs(3, seed=4, cate_shift=-1.0)
     sizes = [(128, 160), (100, 130), (61, 75)]
     with HostSyncCounter() as counter:
-        results = _run(_processor(), cate, kernels, feats, sizes)
+        results = _run(_processor(inference_path="plain"), cate, kernels, feats, sizes)
     assert sum(len(r) for r in results) > 10
     assert counter.syncs == ["_local_scalar_dense", "_local_scalar_dense", "tolist"]
 
