@@ -1,25 +1,26 @@
-"""The CPU's fast path for scoring candidate masks: only the blocks of pixels where a mask can
-pass the threshold are computed.
+"""The CPU's fast path for candidate masks: only the blocks of pixels where a mask can pass the
+threshold are computed.
 
-Steps 3-5 of post-processing need, per candidate, its binary mask (probability > threshold), its
-area and the sum of its probabilities inside it; pixels below the threshold count in none of them.
-`MaskBlocks` cuts an image's mask features into blocks of 8 x 8 pixels and bounds every
-candidate's logit over each block by the interval bound: each channel at its most favourable
-value in the block. Only the (candidate, block) pairs whose bound reaches the threshold are
-computed, by matrix products grouped by block. Where many pairs may pass (large masks),
-`score` returns None and the caller computes every pixel.
+Steps 3-6 of post-processing need, per candidate, its binary mask (probability > threshold), its
+area, the sum of its probabilities inside it and its intersections with other masks; pixels
+below the threshold count in none of them. `MaskBlocks` cuts an image's mask features into blocks
+of 8 x 8 pixels and bounds every candidate's logit over each block by the interval bound: each
+channel at its most favourable value in the block. Only the (candidate, block) pairs whose bound
+reaches the threshold are computed, by matrix products grouped by block, and the binary masks
+stay in that form (`BlockBits`) through Matrix NMS. Where many pairs may pass (large masks), the
+methods return None and the caller computes every pixel.
 
 The results are the plain path's: the logits are the same float32 dot products (each product has
-at least 16 candidates, laid out as the plain path's), areas are integer counts and probability
-sums are exact in float64 whatever their order.
+at least 16 candidates, laid out as the plain path's), areas and intersections are integer
+counts and probability sums are exact in float64 whatever their order.
 """
 import math
-from typing import Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BLOCK", "MaskBlocks"]
+__all__ = ["BLOCK", "BlockBits", "MaskBlocks"]
 
 BLOCK = 8
 # Products of fewer candidates take other BLAS kernels, which round differently from the plain
@@ -29,8 +30,85 @@ _MIN_PRODUCT_ROWS = 16
 DENSE_FRACTION = 0.25
 
 
+class BlockBits(NamedTuple):
+    """Binary masks [B, n, H * W] kept only in their blocks that may hold a pixel above the
+    threshold (the other blocks are all False).
+
+    image, row, block: int64 [P], the image, the mask (0..n-1) and the block (row-major in the
+    grid) of each kept block; bits: bool [P, 64], its pixels row by row; shape: (B, n, H * W);
+    grid: (blocks per column, blocks per row); size: (H, W).
+    """
+
+    image: torch.Tensor
+    row: torch.Tensor
+    block: torch.Tensor
+    bits: torch.Tensor
+    shape: Tuple[int, int, int]
+    grid: Tuple[int, int]
+    size: Tuple[int, int]
+
+    @staticmethod
+    def cat(parts: List["BlockBits"]) -> "BlockBits":
+        """The masks of `parts` one after the other, as torch.cat along dimension 1."""
+        offsets = [0]
+        for p in parts[:-1]:
+            offsets.append(offsets[-1] + p.shape[1])
+        first = parts[0]
+        return first._replace(
+            image=torch.cat([p.image for p in parts]),
+            row=torch.cat([p.row + o for p, o in zip(parts, offsets)]),
+            block=torch.cat([p.block for p in parts]),
+            bits=torch.cat([p.bits for p in parts]),
+            shape=(first.shape[0], offsets[-1] + parts[-1].shape[1], first.shape[2]),
+        )
+
+    def select(self, order: torch.Tensor) -> "BlockBits":
+        """The masks int64 [B, k] (distinct within an image) of each image, in that order."""
+        b, n, pixels = self.shape
+        k = order.shape[1]
+        new_row = order.new_full((b, n), -1)
+        new_row[torch.arange(b, device=order.device)[:, None], order] = torch.arange(
+            k, device=order.device
+        )
+        row = new_row[self.image, self.row]
+        kept = row >= 0
+        return self._replace(
+            image=self.image[kept],
+            row=row[kept],
+            block=self.block[kept],
+            bits=self.bits[kept],
+            shape=(b, k, pixels),
+        )
+
+    def dense(self) -> torch.Tensor:
+        """bool [B, n, H * W]."""
+        b, n, _ = self.shape
+        (hb, wb), (h, w) = self.grid, self.size
+        out = self.bits.new_zeros((b, n, hb * BLOCK, wb * BLOCK))
+        rows, cols = _block_pixels(self.block, wb)
+        out[self.image[:, None, None], self.row[:, None, None], rows, cols] = self.bits.view(
+            -1, BLOCK, BLOCK
+        )
+        return out[:, :, :h, :w].reshape(b, n, h * w)
+
+    def intersections(self) -> torch.Tensor:
+        """float32 [B, n, n] pixel counts |m_i & m_j|, summed over the blocks both keep (exact
+        integers, as `mask_intersections` of the dense masks)."""
+        b, n, _ = self.shape
+        num_blocks = self.grid[0] * self.grid[1]
+        counts = self.bits.new_zeros(b * n * n, dtype=torch.float32)
+        key = self.image * num_blocks + self.block
+        for keys, table, filled in _groups_by_key(key, b * num_blocks):
+            bits = self.bits[table].float() * filled[..., None]  # [g, W, 64], padding zeroed
+            both = filled[:, :, None] & filled[:, None, :]
+            rows = (keys // num_blocks)[:, None] * n + self.row[table]  # [g, W]
+            index = rows[:, :, None] * n + self.row[table][:, None, :]  # [g, W, W]
+            counts.index_add_(0, index[both], torch.bmm(bits, bits.mT)[both])
+        return counts.view(b, n, n)
+
+
 class MaskBlocks:
-    """Mask features of a batch with per-block channel ranges, to score 1 x 1 dynamic kernels.
+    """Mask features of a batch with per-block channel ranges, for 1 x 1 dynamic kernels.
 
     Attributes:
         features: float32 [B, H', W', E], the mask features channels-last, padded with zeros to
@@ -56,7 +134,7 @@ class MaskBlocks:
             mask_features = F.pad(mask_features, pad)
         self.features = mask_features.permute(0, 2, 3, 1)  # [B, H', W', E]
         self.inside = F.pad(inside.view(b, h, w), pad)
-        self.blocks = (self.features.shape[1] // BLOCK, self.features.shape[2] // BLOCK)
+        self.grid = (self.features.shape[1] // BLOCK, self.features.shape[2] // BLOCK)
         by_block = self.features.unflatten(2, (-1, BLOCK)).unflatten(1, (-1, BLOCK))
         # Two single-dimension reductions: much faster than one over both on this layout.
         self.high = by_block.amax(dim=2).amax(dim=3).flatten(1, 2)  # [B, nb, E]
@@ -81,7 +159,7 @@ class MaskBlocks:
 
     def score(
         self, kernels: torch.Tensor, valid: torch.Tensor, thresh: float
-    ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor, BlockBits]]:
         """Areas, probability sums and binary masks of candidates, or None where more than
         `DENSE_FRACTION` of the (candidate, block) pairs may pass.
 
@@ -90,50 +168,93 @@ class MaskBlocks:
             valid: bool [B, n]; invalid candidates are not computed (their results are 0).
             thresh: binarisation threshold of the probabilities.
         Returns:
-            int32 [B, n] areas, float64 [B, n] sums of the probabilities above `thresh` and bool
-            [B, n, H * W] binary masks, as the plain path's.
+            int32 [B, n] areas, float64 [B, n] sums of the probabilities above `thresh` and the
+            binary masks.
         """
-        pairs = (self.may_pass(kernels, thresh) & valid[:, :, None]).nonzero()  # [P, 3]
         b, n = valid.shape
-        num_blocks = self.high.shape[1]
-        if pairs.shape[0] > DENSE_FRACTION * b * n * num_blocks:
+        pairs = self._pairs(self.may_pass(kernels, thresh) & valid[:, :, None])
+        if pairs is None:
             return None
         areas = torch.zeros(b * n, dtype=torch.int32, device=kernels.device)
         sums = torch.zeros(b * n, dtype=torch.float64, device=kernels.device)
-        binary = kernels.new_zeros((b, n, *self.features.shape[1:3]), dtype=torch.bool)
-        pixels = torch.arange(BLOCK, device=kernels.device)
-        for image, cand, block, filled in _groups_by_block(pairs, b * num_blocks, num_blocks):
-            rows = (block // self.blocks[1] * BLOCK)[:, None, None] + pixels[:, None]  # [g, 8, 1]
-            cols = (block % self.blocks[1] * BLOCK)[:, None, None] + pixels  # [g, 1, 8]
-            image_px = image[:, None, None]
-            features = self.features[image_px, rows, cols].flatten(1, 2)  # [g, 64, E]
-            # One product per block: its candidates [g, width, E] by its pixels [g, E, 64].
-            logits = torch.bmm(kernels[image[:, None], cand], features.mT)
-            probs = logits.sigmoid_().mul_(self.inside[image_px, rows, cols].flatten(1)[:, None])
+        kept, bits = [pairs.new_zeros(0)], [valid.new_zeros((0, BLOCK * BLOCK))]
+        for table, filled, image, cand, probs in self._products(kernels, pairs):
             above = probs > thresh
             flat = (image[:, None] * n + cand)[filled]
             areas.index_add_(0, flat, above.sum(dim=2, dtype=torch.int32)[filled])
             probs = F.threshold_(probs, thresh, 0.0).sum(dim=2, dtype=torch.float64)
             sums.index_add_(0, flat, probs[filled])
-            slot = filled.nonzero(as_tuple=True)[0]
-            binary[image_px[slot], cand[filled][:, None, None], rows[slot], cols[slot]] = above[
+            kept.append(table[filled])
+            bits.append(above[filled])
+        kept, bits = torch.cat(kept), torch.cat(bits)
+        some = bits.any(dim=1)  # blocks without a pixel above play no further part
+        image, cand, block = pairs[kept[some]].unbind(1)
+        shape = (b, n, self.size[0] * self.size[1])
+        masks = BlockBits(image, cand, block, bits[some], shape, self.grid, self.size)
+        return areas.view(b, n), sums.view(b, n), masks
+
+    def probs(self, kernels: torch.Tensor, near: float) -> Optional[torch.Tensor]:
+        """float32 [B, n, H * W] mask probabilities of kernels [B, n, E], exact in the blocks
+        that may hold a probability above `near` and in the blocks next to them, 0 elsewhere
+        (where the plain values are at most `near` too); None where that is more than
+        `DENSE_FRACTION` of the blocks."""
+        b, n, _ = kernels.shape
+        hb, wb = self.grid
+        may = self.may_pass(kernels, near).view(b * n, 1, hb, wb).float()
+        ring = F.max_pool2d(may, kernel_size=3, stride=1, padding=1) > 0
+        pairs = self._pairs(ring.view(b, n, hb * wb) & self.has_inside[:, None, :])
+        if pairs is None:
+            return None
+        out = kernels.new_zeros((b, n, hb * BLOCK, wb * BLOCK))
+        for table, filled, image, cand, probs in self._products(kernels, pairs):
+            rows, cols = _block_pixels(pairs[table[filled], 2], wb)
+            where = filled.nonzero(as_tuple=True)[0]
+            out[image[where][:, None, None], cand[filled][:, None, None], rows, cols] = probs[
                 filled
             ].view(-1, BLOCK, BLOCK)
         h, w = self.size
-        return areas.view(b, n), sums.view(b, n), binary[:, :, :h, :w].reshape(b, n, h * w)
+        return out[:, :, :h, :w].reshape(b, n, h * w)
+
+    def _pairs(self, active: torch.Tensor) -> Optional[torch.Tensor]:
+        """int64 [P, 3] (image, candidate, block) of bool [B, n, nb], or None where more than
+        `DENSE_FRACTION` are True."""
+        pairs = active.nonzero()
+        return None if pairs.shape[0] > DENSE_FRACTION * active.numel() else pairs
+
+    def _products(self, kernels: torch.Tensor, pairs: torch.Tensor) -> Iterator[tuple]:
+        """Probabilities of the (image, candidate, block) `pairs` [P, 3], a bucket of blocks at a
+        time. Yields table [g, W] (pair indices), filled [g, W] (bool, False for padding), image
+        [g], candidate [g, W] and float32 [g, W, 64] probabilities (0 outside the extent)."""
+        num_blocks = self.high.shape[1]
+        key = pairs[:, 0] * num_blocks + pairs[:, 2]
+        for keys, table, filled in _groups_by_key(key, kernels.shape[0] * num_blocks):
+            image = keys // num_blocks
+            rows, cols = _block_pixels(keys % num_blocks, self.grid[1])  # [g, 8, 1], [g, 1, 8]
+            features = self.features[image[:, None, None], rows, cols].flatten(1, 2)  # [g, 64, E]
+            cand = pairs[table, 1]
+            # One product per block: its candidates [g, W, E] by its pixels [g, E, 64].
+            logits = torch.bmm(kernels[image[:, None], cand], features.mT)
+            inside = self.inside[image[:, None, None], rows, cols].flatten(1)[:, None]
+            yield table, filled, image, cand, logits.sigmoid_().mul_(inside)
 
 
-def _groups_by_block(pairs: torch.Tensor, num_keys: int, num_blocks: int):
-    """Group (image, candidate, block) pairs [P, 3] by (image, block) for batched products.
+def _block_pixels(block: torch.Tensor, blocks_per_row: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pixel rows int64 [N, 8, 1] and columns [N, 1, 8] of the blocks int64 [N]."""
+    pixels = torch.arange(BLOCK, device=block.device)
+    rows = (block // blocks_per_row * BLOCK)[:, None, None] + pixels[:, None]
+    cols = (block % blocks_per_row * BLOCK)[:, None, None] + pixels
+    return rows, cols
 
-    Blocks are bucketed by their number of candidates, padded to the next power of two (at least
-    `_MIN_PRODUCT_ROWS`), so that padding at most doubles the work. Yields per bucket: image [g],
-    candidate [g, width] (0 for padding), block [g] (int64) and filled [g, width] (bool, False
-    for padding); candidates in increasing order within a block.
+
+def _groups_by_key(key: torch.Tensor, num_keys: int) -> Iterator[tuple]:
+    """Group the items of int64 keys [P] (in [0, num_keys)) for batched products.
+
+    Keys are bucketed by their number of items, padded to the next power of two (at least
+    `_MIN_PRODUCT_ROWS`), so that padding at most doubles the work. Yields per bucket: its keys
+    [g], table [g, W] (item indices, in increasing order; 0 for padding) and filled [g, W]
+    (bool, False for padding).
     """
-    key = pairs[:, 0] * num_blocks + pairs[:, 2]
     key, order = key.sort(stable=True)
-    cand = pairs[order, 1]
     counts = torch.bincount(key, minlength=num_keys)
     starts = counts.cumsum(0) - counts
     rank = torch.arange(key.shape[0], device=key.device) - starts[key]
@@ -148,6 +269,6 @@ def _groups_by_block(pairs: torch.Tensor, num_keys: int, num_blocks: int):
         members = row[key] >= 0
         table = torch.zeros((keys.shape[0], width), dtype=torch.long, device=key.device)
         filled = torch.zeros((keys.shape[0], width), dtype=torch.bool, device=key.device)
-        table[row[key[members]], rank[members]] = cand[members]
+        table[row[key[members]], rank[members]] = order[members]
         filled[row[key[members]], rank[members]] = True
-        yield keys // num_blocks, table, keys % num_blocks, filled
+        yield keys, table, filled

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from .mask_boxes import first_last, masks_to_boxes
 
-__all__ = ["paste_cropped"]
+__all__ = ["NEAR_MARGIN", "paste_cropped"]
 
 # Mask pixels this far below the threshold cannot produce an upsampled value above it.
-_MARGIN = 1e-3
+NEAR_MARGIN = 1e-3
 # Above this fraction of the map covered by the crops, upsampling everything is cheaper.
 _DENSE_FRACTION = 0.5
 
@@ -34,7 +34,7 @@ def paste_cropped(
     and bool intermediates.
     """
     num, h_m, w_m = soft.shape
-    near = soft > thresh - _MARGIN
+    near = soft > thresh - NEAR_MARGIN
     y0, y1 = first_last(near.any(dim=2))
     x0, x1 = first_last(near.any(dim=1))
     # An empty mask gets a crop of one pixel.

@@ -17,7 +17,7 @@ with decayed score >= ``score_thresh`` are kept, sorted by decayed score (stable
 Intersections are one matrix product of the 0/1 masks per image (:mod:`mask_intersections`),
 exact integer counts whatever the dtype the masks came from.
 """
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -54,15 +54,18 @@ def matrix_nms_decay(
     *,
     kernel: str = "gaussian",
     sigma: float = 2.0,
+    intersections: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Decay factors of candidates already sorted by descending score, per image.
 
     Args:
-        masks: [B, N, P] binary masks (bool or 0/1 of any dtype), pixels flattened.
+        masks: [B, N, P] binary masks (bool or 0/1 of any dtype), pixels flattened; only its
+            shape is read when `intersections` is given.
         labels: int64 [B, N].
         valid: bool [B, N]; invalid candidates neither decay nor are decayed.
         kernel: "gaussian" or "linear".
         sigma: gaussian kernel parameter (the code bases' 2.0 is the paper's 0.5).
+        intersections: float32 [B, N, N] pixel counts of the masks, where already known.
     Returns:
         float32 [B, N] decay factors in [0, 1] (1 for invalid candidates).
     """
@@ -70,13 +73,13 @@ def matrix_nms_decay(
         raise ValueError(f"Unknown Matrix NMS kernel {kernel!r}, expected 'gaussian' or 'linear'.")
     num = masks.shape[1]
     if num == 0:
-        return torch.ones(masks.shape[:2], device=masks.device)
-    inter = mask_intersections(masks)  # [B, N, N]
+        return torch.ones(masks.shape[:2], device=labels.device)
+    inter = mask_intersections(masks) if intersections is None else intersections  # [B, N, N]
     areas = inter.diagonal(dim1=1, dim2=2)
     union = areas[:, :, None] + areas[:, None, :] - inter
     iou = inter / union.clamp(min=1)
     # Pairs (i, j) with i < j of the same label, both valid.
-    upper = torch.ones(num, num, dtype=torch.bool, device=masks.device).triu(diagonal=1)
+    upper = torch.ones(num, num, dtype=torch.bool, device=labels.device).triu(diagonal=1)
     same = (labels[:, :, None] == labels[:, None, :]) & valid[:, :, None] & valid[:, None, :]
     iou = iou * (upper & same)
     comp = iou.amax(dim=1, keepdim=True).transpose(1, 2)  # [B, N, 1]: comp_i for row i

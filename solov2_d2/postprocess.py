@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
-from .block_masks import MaskBlocks
-from .cropped_paste import paste_cropped
+from .block_masks import BlockBits, MaskBlocks
+from .cropped_paste import NEAR_MARGIN, paste_cropped
 from .heads import dynamic_mask_logits, flatten_levels
 from .mask_boxes import masks_to_boxes
 from .matrix_nms import matrix_nms_decay, sort_descending
@@ -49,18 +49,27 @@ def _cell_kernels(kernels: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     return kernels.gather(1, cells[..., None].expand(-1, -1, kernels.shape[2]))
 
 
-def _exact_sums(probs: torch.Tensor) -> torch.Tensor:
-    """float32 [B, n] sums over the last dimension of probabilities [B, n, P] that are 0 or above
-    the mask threshold, exact in float64 for thresholds >= 1/64: such probabilities are multiples
-    of 2^-29, and 2^24 of them need 53 bits. Exact sums depend neither on the order of the pixels
-    nor on the batch's padding."""
+def _cat_masks(parts: list):
+    """Binary masks of the pool one after the other: `BlockBits` if all are, else bool
+    [B, n, P] (`BlockBits` made dense)."""
+    if all(isinstance(p, BlockBits) for p in parts):
+        return BlockBits.cat(parts)
+    return torch.cat([p.dense() if isinstance(p, BlockBits) else p for p in parts], dim=1)
+
+
+def _row_sums(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sums [B, n] over the last dimension of x [B, n, P], accumulated in `dtype`.
+
+    Used for areas (int32 counts of bool masks) and for probability sums in float64, exact for
+    probabilities that are 0 or above a threshold >= 1/64 (multiples of 2^-29, of which 2^24
+    need 53 bits): exact sums depend neither on the order of the pixels nor on batch padding.
+    """
     if torch.compiler.is_exporting():  # the sizes are symbolic there
-        return probs.sum(dim=2, dtype=torch.float64).float()
-    # A few rows at a time: a float64 copy of the whole chunk would be a fresh allocation each
-    # time, slow to fault in.
-    rows = max(1, (1 << 24) // max(1, 8 * probs.shape[0] * probs.shape[2]))
-    sums = [x.sum(dim=2, dtype=torch.float64) for x in probs.split(rows, dim=1)]
-    return torch.cat(sums, dim=1).float()
+        return x.sum(dim=2, dtype=dtype)
+    # A few rows at a time: a cast copy of a whole chunk would be a fresh allocation each time,
+    # slow to fault in.
+    rows = max(1, (1 << 24) // max(1, 8 * x.shape[0] * x.shape[2]))
+    return torch.cat([part.sum(dim=2, dtype=dtype) for part in x.split(rows, dim=1)], dim=1)
 
 
 def detections_to_instances(
@@ -269,8 +278,9 @@ class SOLOv2PostProcessor:
             # Steps 3-6 a chunk of candidates at a time: a chunk's masks give its scores, and
             # the candidates pooled so far are cut to the top `pre_nms_topk` whenever they
             # exceed twice that, keeping the binary masks that Matrix NMS needs.
+            blocks = self._mask_blocks(mask_features, kernels, inside)
             pool, pooled = [], 0
-            chunks = self._scored_chunks(mask_features, kernels, cells, valid, inside)
+            chunks = self._scored_chunks(mask_features, kernels, cells, valid, inside, blocks)
             for part, areas, soft_sums, binary in chunks:
                 pool.append(
                     _Ranked(
@@ -286,8 +296,14 @@ class SOLOv2PostProcessor:
                     pool = [self._top(pool)]
                     pooled = pool[0].binary.shape[1]
             scores, cells, labels, valid, binary = self._top(pool)
+            sparse = isinstance(binary, BlockBits)
             decay = matrix_nms_decay(
-                binary, labels, valid, kernel=self.nms_kernel, sigma=self.nms_sigma
+                binary,
+                labels,
+                valid,
+                kernel=self.nms_kernel,
+                sigma=self.nms_sigma,
+                intersections=binary.intersections() if sparse else None,
             )
             scores = scores * decay
             valid &= scores >= self.update_thresh
@@ -301,13 +317,16 @@ class SOLOv2PostProcessor:
             scores, cells, labels, valid = (
                 x.gather(1, rank) for x in (scores, cells, labels, valid)
             )
-            soft = torch.cat(
-                [
-                    self._mask_probs(mask_features, kernels, cells[:, part], inside)
-                    for part in self._chunks(cells.shape[1])
-                ],
-                dim=1,
-            )
+            # The fast path computes the kept masks only near their pixels above the threshold,
+            # which is all that pasting reads.
+            near = self.mask_thresh - NEAR_MARGIN
+            soft = None if blocks is None else blocks.probs(_cell_kernels(kernels, cells), near)
+            if soft is None:
+                parts = self._chunks(cells.shape[1])
+                soft = torch.cat(
+                    [self._mask_probs(mask_features, kernels, cells[:, p], inside) for p in parts],
+                    dim=1,
+                )
             return Detections(
                 scores=scores.masked_fill(~valid, 0),
                 labels=labels.masked_fill(~valid, -1),
@@ -373,16 +392,17 @@ class SOLOv2PostProcessor:
             return None
         return MaskBlocks(mask_features, inside)
 
-    def _scored_chunks(self, mask_features, kernels, cells, valid, inside):
+    def _scored_chunks(self, mask_features, kernels, cells, valid, inside, blocks):
         """Steps 3-4, a chunk of candidates at a time. Yields per chunk its slice of the
         candidates `cells` [B, K] (valid: bool [B, K]), float32 areas [B, n], float32 sums of
-        the probabilities above the threshold [B, n] and bool binary masks [B, n, H_m * W_m].
+        the probabilities above the threshold [B, n] and binary masks [B, n, H_m * W_m] (bool, or
+        `BlockBits`).
 
-        The fast path (`_mask_blocks`) takes 4 x `chunk_size` candidates at a time (it holds
-        bool masks where the plain path holds float32 probabilities) and gives the same results;
-        chunks where most pixels may pass take the plain path, `chunk_size` at a time.
+        The fast path (`blocks`, from `_mask_blocks`) takes 4 x `chunk_size` candidates at a time
+        (it holds at most bool masks where the plain path holds float32 probabilities) and gives
+        the same results; chunks where most pixels may pass take the plain path, `chunk_size` at
+        a time.
         """
-        blocks = self._mask_blocks(mask_features, kernels, inside)
         size = 4 * self.chunk_size if blocks is not None else self.chunk_size
         for part in self._chunks(cells.shape[1], size):
             if blocks is not None:
@@ -395,8 +415,9 @@ class SOLOv2PostProcessor:
             for sub in self._chunks(part.stop - part.start, start=part.start):
                 probs = self._mask_probs(mask_features, kernels, cells[:, sub], inside)
                 binary = probs > self.mask_thresh
-                areas = binary.sum(dim=2, dtype=torch.int32).float()
-                yield sub, areas, _exact_sums(F.threshold_(probs, self.mask_thresh, 0.0)), binary
+                areas = _row_sums(binary, torch.int32).float()
+                soft_sums = _row_sums(F.threshold_(probs, self.mask_thresh, 0.0), torch.float64)
+                yield sub, areas, soft_sums.float(), binary
 
     def _mask_probs(self, mask_features, kernels, cells, inside) -> torch.Tensor:
         """Step 3: float32 [B, n, H_m * W_m] mask probabilities of the candidates `cells`
@@ -408,13 +429,20 @@ class SOLOv2PostProcessor:
     def _top(self, pool: List["_Ranked"]) -> "_Ranked":
         """The top `pre_nms_topk` valid candidates of the pool by descending score; ties keep
         their order in the pool (that of the candidates)."""
-        merged = pool[0] if len(pool) == 1 else _Ranked(*(torch.cat(x, dim=1) for x in zip(*pool)))
+        if len(pool) == 1:
+            merged = pool[0]
+        else:
+            merged = _Ranked(*(torch.cat(x, dim=1) for x in zip(*(p[:4] for p in pool))), None)
+            merged = merged._replace(binary=_cat_masks([p.binary for p in pool]))
         order = sort_descending(merged.scores, merged.valid)
         if self.pre_nms_topk > 0:
             order = order[:, : self.pre_nms_topk]
-        # Rows by advanced indexing: a copy of whole masks, much faster than an elementwise gather.
-        images = torch.arange(order.shape[0], device=order.device)[:, None]
-        return _Ranked(*(x.gather(1, order) for x in merged[:4]), merged.binary[images, order])
+        if isinstance(merged.binary, BlockBits):
+            binary = merged.binary.select(order)
+        else:
+            # Rows by advanced indexing: whole masks copied, much faster than a gather.
+            binary = merged.binary[torch.arange(order.shape[0], device=order.device)[:, None], order]
+        return _Ranked(*(x.gather(1, order) for x in merged[:4]), binary)
 
     def paste(
         self, soft: torch.Tensor, image_size: Tuple[int, int], output_size: Tuple[int, int]
