@@ -93,7 +93,9 @@ class Detections(NamedTuple):
     """Padded per-image detections before pasting, sorted by descending score.
 
     scores: float32 [B, M]; labels: int64 [B, M]; valid: bool [B, M] (valid entries first);
-    soft_masks: float32 [B, M, H_m, W_m] mask probabilities at the mask feature's resolution.
+    soft_masks: float32 [B, M, H_m, W_m] mask probabilities at the mask feature's resolution
+        (the fast path leaves 0 in blocks whose values cannot reach the threshold within
+        `NEAR_MARGIN` and are not next to one that can: pasting gives the same masks).
     """
 
     scores: torch.Tensor
@@ -432,8 +434,8 @@ class SOLOv2PostProcessor:
         if len(pool) == 1:
             merged = pool[0]
         else:
-            merged = _Ranked(*(torch.cat(x, dim=1) for x in zip(*(p[:4] for p in pool))), None)
-            merged = merged._replace(binary=_cat_masks([p.binary for p in pool]))
+            columns = [torch.cat(x, dim=1) for x in zip(*(p[:4] for p in pool))]
+            merged = _Ranked(*columns, _cat_masks([p.binary for p in pool]))
         order = sort_descending(merged.scores, merged.valid)
         if self.pre_nms_topk > 0:
             order = order[:, : self.pre_nms_topk]
@@ -441,7 +443,8 @@ class SOLOv2PostProcessor:
             binary = merged.binary.select(order)
         else:
             # Rows by advanced indexing: whole masks copied, much faster than a gather.
-            binary = merged.binary[torch.arange(order.shape[0], device=order.device)[:, None], order]
+            images = torch.arange(order.shape[0], device=order.device)[:, None]
+            binary = merged.binary[images, order]
         return _Ranked(*(x.gather(1, order) for x in merged[:4]), binary)
 
     def paste(
