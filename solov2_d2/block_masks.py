@@ -28,6 +28,9 @@ BLOCK = 8
 _MIN_PRODUCT_ROWS = 16
 # Above this fraction of (candidate, block) pairs that may pass, computing every pixel is cheaper.
 DENSE_FRACTION = 0.25
+# Rows (candidate slots) of the products computed at once: with E = 256 their kernels take 4 MB
+# and their blocks' features at most 16 MB, so that memory stays bounded whatever the load.
+_GROUP_ROWS = 4096
 
 
 class BlockBits(NamedTuple):
@@ -250,9 +253,9 @@ def _groups_by_key(key: torch.Tensor, num_keys: int) -> Iterator[tuple]:
     """Group the items of int64 keys [P] (in [0, num_keys)) for batched products.
 
     Keys are bucketed by their number of items, padded to the next power of two (at least
-    `_MIN_PRODUCT_ROWS`), so that padding at most doubles the work. Yields per bucket: its keys
-    [g], table [g, W] (item indices, in increasing order; 0 for padding) and filled [g, W]
-    (bool, False for padding).
+    `_MIN_PRODUCT_ROWS`), so that padding at most doubles the work, and split into groups of at
+    most `_GROUP_ROWS` rows. Yields per group: its keys [g], table [g, W] (item indices, in
+    increasing order; 0 for padding) and filled [g, W] (bool, False for padding).
     """
     key, order = key.sort(stable=True)
     counts = torch.bincount(key, minlength=num_keys)
@@ -263,12 +266,12 @@ def _groups_by_key(key: torch.Tensor, num_keys: int) -> Iterator[tuple]:
     for width in widths.unique().tolist():
         if width == 0:
             continue
-        keys = (widths == width).nonzero()[:, 0]  # [g]
-        row = torch.full((num_keys,), -1, dtype=torch.long, device=key.device)
-        row[keys] = torch.arange(keys.shape[0], device=key.device)
-        members = row[key] >= 0
-        table = torch.zeros((keys.shape[0], width), dtype=torch.long, device=key.device)
-        filled = torch.zeros((keys.shape[0], width), dtype=torch.bool, device=key.device)
-        table[row[key[members]], rank[members]] = order[members]
-        filled[row[key[members]], rank[members]] = True
-        yield keys, table, filled
+        for keys in (widths == width).nonzero()[:, 0].split(max(1, _GROUP_ROWS // width)):
+            row = torch.full((num_keys,), -1, dtype=torch.long, device=key.device)
+            row[keys] = torch.arange(keys.shape[0], device=key.device)
+            members = row[key] >= 0
+            table = torch.zeros((keys.shape[0], width), dtype=torch.long, device=key.device)
+            filled = torch.zeros((keys.shape[0], width), dtype=torch.bool, device=key.device)
+            table[row[key[members]], rank[members]] = order[members]
+            filled[row[key[members]], rank[members]] = True
+            yield keys, table, filled

@@ -34,11 +34,13 @@ def paste_cropped(
     and bool intermediates.
     """
     num, h_m, w_m = soft.shape
-    near = soft > thresh - NEAR_MARGIN
-    y0, y1 = first_last(near.any(dim=2))
-    x0, x1 = first_last(near.any(dim=1))
+    # amax of the bytes: faster than any() of bools on the CPU.
+    near = (soft > thresh - NEAR_MARGIN).view(torch.uint8)
+    rows, cols = near.amax(dim=2) > 0, near.amax(dim=1) > 0  # [N, h_m], [N, w_m]
+    y0, y1 = first_last(rows)
+    x0, x1 = first_last(cols)
     # An empty mask gets a crop of one pixel.
-    empty = ~near.flatten(1).any(dim=1)
+    empty = ~rows.any(dim=1)
     top, bottom = (y0 - 2).clamp(min=0), (y1 + 3).clamp(max=h_m).masked_fill(empty, 1)
     left, right = (x0 - 2).clamp(min=0), (x1 + 3).clamp(max=w_m).masked_fill(empty, 1)
     top, left = top.masked_fill(empty, 0), left.masked_fill(empty, 0)
