@@ -20,12 +20,12 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BLOCK", "BlockBits", "MaskBlocks"]
+__all__ = ["BLOCK", "MIN_PRODUCT_ROWS", "BlockBits", "MaskBlocks"]
 
 BLOCK = 8
-# Products of fewer candidates take other BLAS kernels, which round differently from the plain
-# path's products.
-_MIN_PRODUCT_ROWS = 16
+# Products of fewer candidates take other BLAS kernels, which round differently: both paths give
+# every product at least this many rows.
+MIN_PRODUCT_ROWS = 16
 # Above this fraction of (candidate, block) pairs that may pass, computing every pixel is cheaper.
 DENSE_FRACTION = 0.25
 # Rows (candidate slots) of the products computed at once: with E = 256 their kernels take 4 MB
@@ -114,8 +114,8 @@ class MaskBlocks:
     """Mask features of a batch with per-block channel ranges, for 1 x 1 dynamic kernels.
 
     Attributes:
-        features: float32 [B, H', W', E], the mask features channels-last, padded with zeros to
-            H' and W', multiples of 8 (a view without copy when they already are).
+        features: float32 [B, H', W', E], the mask features channels-last, padded with their
+            edge values to H' and W', multiples of 8 (a view without copy when they already are).
         inside: float32 [B, H', W'], 1 for the pixels of each image's extent, else 0.
         high, low: float32 [B, nb, E], each channel's largest and smallest value in each block
             (nb = H' W' / 64; over all of a block's pixels: a bound over more pixels is still a
@@ -134,7 +134,8 @@ class MaskBlocks:
         if inside is None:
             inside = mask_features.new_ones((b, 1, h * w))
         if any(pad):
-            mask_features = F.pad(mask_features, pad)
+            # Edge values: the padding then widens no block's channel ranges.
+            mask_features = F.pad(mask_features, pad, mode="replicate")
         self.features = mask_features.permute(0, 2, 3, 1)  # [B, H', W', E]
         self.inside = F.pad(inside.view(b, h, w), pad)
         self.grid = (self.features.shape[1] // BLOCK, self.features.shape[2] // BLOCK)
@@ -253,7 +254,7 @@ def _groups_by_key(key: torch.Tensor, num_keys: int) -> Iterator[tuple]:
     """Group the items of int64 keys [P] (in [0, num_keys)) for batched products.
 
     Keys are bucketed by their number of items, padded to the next power of two (at least
-    `_MIN_PRODUCT_ROWS`), so that padding at most doubles the work, and split into groups of at
+    `MIN_PRODUCT_ROWS`), so that padding at most doubles the work, and split into groups of at
     most `_GROUP_ROWS` rows. Yields per group: its keys [g], table [g, W] (item indices, in
     increasing order; 0 for padding) and filled [g, W] (bool, False for padding).
     """
@@ -261,7 +262,7 @@ def _groups_by_key(key: torch.Tensor, num_keys: int) -> Iterator[tuple]:
     counts = torch.bincount(key, minlength=num_keys)
     starts = counts.cumsum(0) - counts
     rank = torch.arange(key.shape[0], device=key.device) - starts[key]
-    widths = counts.clamp(min=_MIN_PRODUCT_ROWS).float().log2().ceil().exp2().long()
+    widths = counts.clamp(min=MIN_PRODUCT_ROWS).float().log2().ceil().exp2().long()
     widths = widths.masked_fill_(counts == 0, 0)
     for width in widths.unique().tolist():
         if width == 0:

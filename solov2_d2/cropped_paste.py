@@ -5,8 +5,8 @@ An upsampled pixel is a convex combination of its (at most 4) neighbours in the 
 pass the threshold only next to a mask pixel within a small margin of it; everywhere else it is
 False. Each mask is upsampled over a crop of the mask map with 2 pixels around those: inside the
 crop, bilinear upsampling by an integer factor computes the same coordinates and weights as over
-the whole map (the crop starts at a multiple of the factor), so the pasted masks equal the plain
-path's.
+the whole map (the crop starts at a multiple of the factor, a power of two), so the pasted masks
+equal the plain path's.
 """
 from typing import Optional, Tuple
 
@@ -28,12 +28,15 @@ def paste_cropped(
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """Threshold the bilinear upsampling (align_corners False) by `stride` of mask probabilities
     float32 [N, h_m, w_m], cropped to `image_size` (h, w): bool [N, h, w] masks and their float32
-    [N, 4] XYXY boxes; None where the crops would cover most of the map.
+    [N, 4] XYXY boxes; None where the crops would cover most of the map, or where `stride` is
+    not a power of two.
 
     Masks are processed in chunks of similar crop sizes, each within `max_bytes` of float, index
     and bool intermediates.
     """
     num, h_m, w_m = soft.shape
+    if stride & (stride - 1):
+        return None  # 1 / stride must be exact in float for the crop's weights to be the same
     # amax of the bytes: faster than any() of bools on the CPU.
     near = (soft > thresh - NEAR_MARGIN).view(torch.uint8)
     rows, cols = near.amax(dim=2) > 0, near.amax(dim=1) > 0  # [N, h_m], [N, w_m]
@@ -52,6 +55,7 @@ def paste_cropped(
     boxes = soft.new_zeros((num, 4))
     areas = heights * widths
     order = areas.argsort()
+    arange = lambda n: torch.arange(n, device=soft.device)  # noqa: E731
     flat_masks = masks.view(torch.uint8).view(-1)
     per_pixel = 13 * stride * stride  # float, int64 and bool intermediates per upsampled pixel
     start = 0
@@ -64,13 +68,13 @@ def paste_cropped(
         start += index.shape[0]
         hc, wc = int(heights[index].max()), int(widths[index].max())
         # Crops of the common size, moved back where they would pass the map's edge.
-        rows = top[index].clamp(max=h_m - hc)[:, None] + torch.arange(hc)  # [k, hc]
-        cols = left[index].clamp(max=w_m - wc)[:, None] + torch.arange(wc)  # [k, wc]
+        rows = top[index].clamp(max=h_m - hc)[:, None] + arange(hc)  # [k, hc]
+        cols = left[index].clamp(max=w_m - wc)[:, None] + arange(wc)  # [k, wc]
         crops = soft[index[:, None, None], rows[:, :, None], cols[:, None, :]]
         size = (hc * stride, wc * stride)
         up = F.interpolate(crops[:, None], size=size, mode="bilinear", align_corners=False)
-        out_rows = rows[:, :1] * stride + torch.arange(size[0])  # [k, stride * hc]
-        out_cols = cols[:, :1] * stride + torch.arange(size[1])
+        out_rows = rows[:, :1] * stride + arange(size[0])  # [k, stride * hc]
+        out_cols = cols[:, :1] * stride + arange(size[1])
         inside = (out_rows < height)[:, :, None] & (out_cols < width)[:, None, :]
         up = (up[:, 0] > thresh) & inside
         found = masks_to_boxes(up)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
-from .block_masks import BlockBits, MaskBlocks
+from .block_masks import MIN_PRODUCT_ROWS, BlockBits, MaskBlocks
 from .cropped_paste import NEAR_MARGIN, paste_cropped
 from .heads import dynamic_mask_logits, flatten_levels
 from .mask_boxes import masks_to_boxes
@@ -424,8 +424,11 @@ class SOLOv2PostProcessor:
     def _mask_probs(self, mask_features, kernels, cells, inside) -> torch.Tensor:
         """Step 3: float32 [B, n, H_m * W_m] mask probabilities of the candidates `cells`
         [B, n], 0 outside each image's extent (`inside`; None: every pixel is inside)."""
-        logits = dynamic_mask_logits(mask_features, _cell_kernels(kernels, cells))
-        probs = logits.flatten(2).sigmoid_()
+        chunk = _cell_kernels(kernels, cells)
+        n = chunk.shape[1]
+        if n < MIN_PRODUCT_ROWS:  # padded, any chunk size gives the same logits
+            chunk = F.pad(chunk, (0, 0, 0, MIN_PRODUCT_ROWS - n))
+        probs = dynamic_mask_logits(mask_features, chunk)[:, :n].flatten(2).sigmoid_()
         return probs if inside is None else probs.mul_(inside)
 
     def _top(self, pool: List["_Ranked"]) -> "_Ranked":

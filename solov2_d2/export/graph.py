@@ -92,6 +92,9 @@ class SOLOv2ExportModule(nn.Module):
         self.model = model
         self.postprocessor = copy.copy(model.postprocessor)
         self.postprocessor.fixed_candidates = max_candidates
+        # The graph is the plain path (its masks are probabilities everywhere), also when this
+        # module runs eagerly on the CPU.
+        self.postprocessor.inference_path = "plain"
         self.size_divisibility = max(model.backbone.size_divisibility, 1)
 
     def forward(self, images: torch.Tensor, image_sizes: torch.Tensor) -> ExportOutputs:
