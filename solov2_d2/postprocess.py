@@ -30,6 +30,10 @@ __all__ = [
 # Pasting works on at most this many bytes of float masks at a time, so that the memory of a
 # huge output image is its bool masks plus this.
 _PASTE_CHUNK_BYTES = 1 << 24
+# Below these amounts of work the fast paths' fixed costs outweigh what they save on the CPU
+# (README, "Speed"): candidates x mask pixels for mask scoring, masks x output pixels for pasting.
+_BLOCKS_LEAST_WORK = 1 << 24
+_CROP_LEAST_WORK = 1 << 25
 
 
 def point_nms(scores: torch.Tensor) -> torch.Tensor:
@@ -182,7 +186,7 @@ class SOLOv2PostProcessor:
                 candidates (:class:`MaskBlocks`) and when pasting where the output has the
                 input's size (:func:`paste_cropped`), with the same results (each falls back to
                 the plain path where most pixels may pass); "auto", fast on the CPU outside an
-                export and plain elsewhere.
+                export where the work is large enough for it to pay, and plain elsewhere.
         """
         self.strides = list(strides)
         self.mask_stride = mask_stride
@@ -280,7 +284,7 @@ class SOLOv2PostProcessor:
             # Steps 3-6 a chunk of candidates at a time: a chunk's masks give its scores, and
             # the candidates pooled so far are cut to the top `pre_nms_topk` whenever they
             # exceed twice that, keeping the binary masks that Matrix NMS needs.
-            blocks = self._mask_blocks(mask_features, kernels, inside)
+            blocks = self._mask_blocks(mask_features, kernels, inside, cells.shape[1])
             pool, pooled = [], 0
             chunks = self._scored_chunks(mask_features, kernels, cells, valid, inside, blocks)
             for part, areas, soft_sums, binary in chunks:
@@ -381,16 +385,21 @@ class SOLOv2PostProcessor:
         stop = start + count
         return [slice(i, min(i + size, stop)) for i in range(start, max(stop, start + 1), size)]
 
-    def _fast(self, device: torch.device) -> bool:
-        """Whether the fast paths run (`inference_path`)."""
+    def _fast(self, device: torch.device, work: int, least_work: int) -> bool:
+        """Whether a fast path runs (`inference_path`): with "auto", on the CPU outside an export
+        where its plain counterpart has at least `least_work` units of work (below that, the
+        fast path's fixed costs outweigh what it saves)."""
         if self.inference_path == "auto":
-            return device.type == "cpu" and not torch.compiler.is_exporting()
+            cpu = device.type == "cpu" and not torch.compiler.is_exporting()
+            return cpu and work >= least_work
         return self.inference_path == "fast"
 
-    def _mask_blocks(self, mask_features, kernels, inside) -> Optional[MaskBlocks]:
-        """The fast path of steps 3-4 for this batch, or None (also for kernels larger than
-        1 x 1)."""
-        if not self._fast(mask_features.device) or kernels.shape[2] != mask_features.shape[1]:
+    def _mask_blocks(self, mask_features, kernels, inside, count: int) -> Optional[MaskBlocks]:
+        """The fast path of steps 3-4 for this batch of `count` candidates per image, or None
+        (also for kernels larger than 1 x 1)."""
+        work = count * mask_features.shape[2] * mask_features.shape[3]
+        fast = self._fast(mask_features.device, work, _BLOCKS_LEAST_WORK)
+        if not fast or kernels.shape[2] != mask_features.shape[1]:
             return None
         return MaskBlocks(mask_features, inside)
 
@@ -459,7 +468,10 @@ class SOLOv2PostProcessor:
         Masks are processed a few at a time, so that the float intermediates stay within
         `_PASTE_CHUNK_BYTES` whatever the output size.
         """
-        if tuple(output_size) == tuple(image_size) and self._fast(soft.device):
+        work = soft.shape[0] * output_size[0] * output_size[1]
+        if tuple(output_size) == tuple(image_size) and self._fast(
+            soft.device, work, _CROP_LEAST_WORK
+        ):
             found = paste_cropped(
                 soft, self.mask_thresh, self.mask_stride, image_size, _PASTE_CHUNK_BYTES
             )

@@ -15,13 +15,14 @@ GRIDS = [40, 36, 24, 16, 12]
 STRIDES = [8, 8, 16, 32, 32]
 
 
-@pytest.fixture(params=["chosen", "plain"])
+@pytest.fixture(params=["fast", "plain"])
 def path(request, monkeypatch):
-    """Run a test on the paths of this device (on the CPU: block-bounded mask scoring, cropped
-    pasting, int8 intersections) and on the plain ones."""
+    """Run a test on the fast paths whatever the work (block-bounded mask scoring, cropped
+    pasting; int8 intersections on the CPU) and on the plain ones."""
     if request.param == "plain":
         monkeypatch.setattr(matrix_nms, "mask_intersections", mask_intersections_float)
-        monkeypatch.setattr(SOLOv2PostProcessor, "_fast", lambda self, device: False)
+    fast = request.param == "fast"
+    monkeypatch.setattr(SOLOv2PostProcessor, "_fast", lambda self, *args: fast)
     return request.param
 
 
