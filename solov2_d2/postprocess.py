@@ -5,7 +5,7 @@ written once, batched over images: candidates are padded to the largest count in
 carried with a validity mask, and each image's mask pixels are limited to the extent that the
 network computed for it.
 """
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -109,13 +109,14 @@ class Detections(NamedTuple):
 
 
 class _Ranked(NamedTuple):
-    """Candidates, each [B, n]: scores, cells, labels, valid; binary masks [B, n, H_m * W_m]."""
+    """Candidates, each [B, n]: scores, cells, labels, valid; binary masks [B, n, H_m * W_m]
+    (bool, or `BlockBits` on the fast path)."""
 
     scores: torch.Tensor
     cells: torch.Tensor
     labels: torch.Tensor
     valid: torch.Tensor
-    binary: torch.Tensor
+    binary: Union[torch.Tensor, BlockBits]
 
 
 class SOLOv2PostProcessor:
