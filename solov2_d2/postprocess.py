@@ -436,7 +436,7 @@ class SOLOv2PostProcessor:
         [B, n], 0 outside each image's extent (`inside`; None: every pixel is inside)."""
         chunk = _cell_kernels(kernels, cells)
         n = chunk.shape[1]
-        if n < MIN_PRODUCT_ROWS:  # padded, any chunk size gives the same logits
+        if 0 < n < MIN_PRODUCT_ROWS:  # padded, any chunk size gives the same logits
             chunk = F.pad(chunk, (0, 0, 0, MIN_PRODUCT_ROWS - n))
         probs = dynamic_mask_logits(mask_features, chunk)[:, :n].flatten(2).sigmoid_()
         return probs if inside is None else probs.mul_(inside)
