@@ -161,6 +161,13 @@ class MaskBlocks:
         margin = 1e-3 + 1e-4 * kernels.norm(dim=2, keepdim=True) * self.largest[:, None, :]
         return (bound + margin > logit) & self.has_inside[:, None, :]
 
+    def pass_fraction(self, kernels: torch.Tensor, valid: torch.Tensor, thresh: float) -> float:
+        """The fraction of the (valid candidate, block inside) pairs that may pass, for kernels
+        [B, n, E] and valid bool [B, n]."""
+        active = self.may_pass(kernels, thresh) & valid[:, :, None]
+        pairs = valid.sum(dim=1) * self.has_inside.sum(dim=1)  # [B]
+        return float(active.sum()) / max(1, int(pairs.sum()))
+
     def score(
         self, kernels: torch.Tensor, valid: torch.Tensor, thresh: float
     ) -> Optional[Tuple[torch.Tensor, torch.Tensor, BlockBits]]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
-from .block_masks import MIN_PRODUCT_ROWS, BlockBits, MaskBlocks
+from .block_masks import DENSE_FRACTION, MIN_PRODUCT_ROWS, BlockBits, MaskBlocks
 from .cropped_paste import NEAR_MARGIN, paste_cropped
 from .heads import dynamic_mask_logits, flatten_levels
 from .mask_boxes import masks_to_boxes
@@ -34,6 +34,8 @@ _PASTE_CHUNK_BYTES = 1 << 24
 # (README, "Speed"): candidates x mask pixels for mask scoring, masks x output pixels for pasting.
 _BLOCKS_LEAST_WORK = 1 << 24
 _CROP_LEAST_WORK = 1 << 25
+# Candidates whose bounds decide at once whether mask scoring may take its fast path.
+_SAMPLE = 64
 
 
 def point_nms(scores: torch.Tensor) -> torch.Tensor:
@@ -285,7 +287,7 @@ class SOLOv2PostProcessor:
             # Steps 3-6 a chunk of candidates at a time: a chunk's masks give its scores, and
             # the candidates pooled so far are cut to the top `pre_nms_topk` whenever they
             # exceed twice that, keeping the binary masks that Matrix NMS needs.
-            blocks = self._mask_blocks(mask_features, kernels, inside, cells.shape[1])
+            blocks = self._mask_blocks(mask_features, kernels, inside, cells, valid)
             pool, pooled = [], 0
             chunks = self._scored_chunks(mask_features, kernels, cells, valid, inside, blocks)
             for part, areas, soft_sums, binary in chunks:
@@ -395,14 +397,21 @@ class SOLOv2PostProcessor:
             return cpu and work >= least_work
         return self.inference_path == "fast"
 
-    def _mask_blocks(self, mask_features, kernels, inside, count: int) -> Optional[MaskBlocks]:
-        """The fast path of steps 3-4 for this batch of `count` candidates per image, or None
-        (also for kernels larger than 1 x 1)."""
-        work = count * mask_features.shape[2] * mask_features.shape[3]
+    def _mask_blocks(self, mask_features, kernels, inside, cells, valid) -> Optional[MaskBlocks]:
+        """The fast path of steps 3-4 for the candidates `cells` [B, K] (valid: bool [B, K]) of
+        this batch, or None (also for kernels larger than 1 x 1)."""
+        work = cells.shape[1] * mask_features.shape[2] * mask_features.shape[3]
         fast = self._fast(mask_features.device, work, _BLOCKS_LEAST_WORK)
         if not fast or kernels.shape[2] != mask_features.shape[1]:
             return None
-        return MaskBlocks(mask_features, inside)
+        blocks = MaskBlocks(mask_features, inside)
+        # Where most blocks of a sample of the candidates may pass (large masks), the chunks
+        # would take the plain path after computing their bounds: skip that work at once.
+        step = max(1, cells.shape[1] // _SAMPLE)
+        sample = _cell_kernels(kernels, cells[:, ::step])
+        if blocks.pass_fraction(sample, valid[:, ::step], self.mask_thresh) > DENSE_FRACTION:
+            return None
+        return blocks
 
     def _scored_chunks(self, mask_features, kernels, cells, valid, inside, blocks):
         """Steps 3-4, a chunk of candidates at a time. Yields per chunk its slice of the
