@@ -51,6 +51,16 @@ def _blob_kernels(batch, num, objects, dim, g, noise=0.05):
     return kernels
 
 
+def _blob_case(seed, size, second_extent, count, largest):
+    """Two images of object-like masks (the second with a smaller extent), `count` candidates
+    each, about 10% of them invalid: features, kernels, valid and their `MaskBlocks`."""
+    g = torch.Generator().manual_seed(seed)
+    features = _blob_features(2, size, objects=12, dim=16, g=g, largest=largest)
+    kernels = _blob_kernels(2, count, objects=12, dim=16, g=g)
+    valid = torch.rand(2, count, generator=g) < 0.9
+    return features, kernels, valid, MaskBlocks(features, _inside(size, [size, second_extent]))
+
+
 def _inside(size, extents):
     """float32 [B, 1, H * W]: 1 inside each image's extent (h, w)."""
     rows, cols = torch.arange(size[0]), torch.arange(size[1])
@@ -280,12 +290,7 @@ def test_all_invalid_candidates_and_no_candidate():
 def test_block_bits_select_cat_and_intersections(one_thread):
     """The binary masks kept in blocks: dense, reordered, concatenated and their intersections
     as those of the dense masks."""
-    g = torch.Generator().manual_seed(8)
-    size = (61, 77)
-    features = _blob_features(2, size, objects=12, dim=16, g=g, largest=0.4)
-    kernels = _blob_kernels(2, 40, objects=12, dim=16, g=g)
-    valid = torch.rand(2, 40, generator=g) < 0.9
-    blocks = MaskBlocks(features, _inside(size, [size, (50, 35)]))
+    features, kernels, valid, blocks = _blob_case(8, (61, 77), (50, 35), 40, largest=0.4)
     first = blocks.score(kernels[:, :16], valid[:, :16], 0.5)[2]
     second = blocks.score(kernels[:, 16:], valid[:, 16:], 0.5)[2]
     assert isinstance(first, BlockBits) and isinstance(second, BlockBits)
@@ -298,6 +303,7 @@ def test_block_bits_select_cat_and_intersections(one_thread):
     assert counts.dtype == torch.float32
     assert torch.equal(counts, mask_intersections_float(dense))
     assert (counts.diagonal(dim1=1, dim2=2) > 0).sum() > 40 and counts.triu(1).any()
+    g = torch.Generator().manual_seed(9)
     order = torch.stack([torch.randperm(40, generator=g)[:25] for _ in range(2)])
     chosen = bits.select(order)
     assert chosen.shape == (2, 25, 61 * 77)
@@ -351,12 +357,7 @@ def test_probs_are_exact_around_the_pixels_that_may_pass(
 def test_products_in_small_groups(rows, monkeypatch, one_thread):
     """Groups of products cut to a few rows (one block each at most): the same areas, sums,
     masks, intersections and probabilities."""
-    g = torch.Generator().manual_seed(12)
-    size = (64, 80)
-    features = _blob_features(2, size, objects=12, dim=16, g=g, largest=0.3)
-    kernels = _blob_kernels(2, 48, objects=12, dim=16, g=g)
-    valid = torch.rand(2, 48, generator=g) < 0.9
-    blocks = MaskBlocks(features, _inside(size, [size, (58, 68)]))
+    features, kernels, valid, blocks = _blob_case(12, (64, 80), (58, 68), 48, largest=0.3)
     whole = blocks.score(kernels, valid, 0.5)
     probs = blocks.probs(kernels, 0.5 - NEAR_MARGIN)
     monkeypatch.setattr(block_masks, "_GROUP_ROWS", rows)
@@ -365,7 +366,7 @@ def test_products_in_small_groups(rows, monkeypatch, one_thread):
     assert torch.equal(grouped[2].dense(), whole[2].dense())
     assert torch.equal(grouped[2].intersections(), whole[2].intersections())
     assert torch.equal(blocks.probs(kernels, 0.5 - NEAR_MARGIN), probs)
-    expected = _plain(features, kernels, _inside(size, [size, (58, 68)]), 0.5)
+    expected = _plain(features, kernels, _inside((64, 80), [(64, 80), (58, 68)]), 0.5)
     _assert_valid_equal(grouped, expected, valid)
 
 
