@@ -71,6 +71,7 @@ def test_defaults_are_the_papers():
         ("MODEL.SOLOV2.MASK_CHUNK_SIZE", 0, r"MASK_CHUNK_SIZE = 0; expected a positive"),
         ("MODEL.SOLOV2.MAX_MASK_CANDIDATES", -1, r"MAX_MASK_CANDIDATES = -1; expected 0"),
         ("MODEL.SOLOV2.MASK_THRESH_TEST", 1.0, r"MASK_THRESH_TEST = 1.0; expected a value in"),
+        ("MODEL.SOLOV2.INFERENCE_PATH", "gpu", r"INFERENCE_PATH = 'gpu'; expected 'auto', 'plain'"),
     ],
 )
 def test_meaningless_values_are_refused_at_build(small_cfg, key, value, message):
@@ -86,3 +87,9 @@ def test_grayscale_format_takes_one_or_three_normalisation_values(small_cfg):
     small_cfg.MODEL.PIXEL_MEAN, small_cfg.MODEL.PIXEL_STD = [1.0, 2.0], [1.0, 1.0]
     with pytest.raises(ValueError, match="'L' images have 1 or 3 channels"):
         build_model(small_cfg)
+
+
+def test_inference_path_reaches_the_post_processor(small_cfg):
+    assert build_model(small_cfg).postprocessor.inference_path == "auto"
+    small_cfg.merge_from_list(["MODEL.SOLOV2.INFERENCE_PATH", "plain"])
+    assert build_model(small_cfg).postprocessor.inference_path == "plain"
