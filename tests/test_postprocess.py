@@ -183,12 +183,25 @@ def test_chunk_size_does_not_change_results(chunk_size):
     expected = _run(_processor(), cate, kernels, feats, sizes)
     ours = _run(_processor(chunk_size=chunk_size), cate, kernels, feats, sizes)
     assert sum(len(r) for r in ours) > 10
-    # Matrix products of other shapes may round differently (a single row is a matrix-vector
-    # product): scores agree to float rounding, masks but for pixels at the threshold.
+    # Products of fewer than 16 rows are padded to 16 (a single row would take a matrix-vector
+    # kernel, which rounds differently): the same results whatever the chunk size.
     for a, b in zip(ours, expected):
-        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-6)
-        assert torch.equal(a.pred_classes, b.pred_classes)
-        assert (a.pred_masks != b.pred_masks).float().mean() < 1e-4
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+        assert torch.equal(a.pred_masks, b.pred_masks)
+
+
+def test_dynamic_kernels_of_3_x_3_take_the_plain_path():
+    """Kernels of E x 3 x 3 weights (DYNAMIC_KERNEL_SIZE 3) have no block bounds: the fast
+    setting computes them as the plain one does."""
+    cate, kernels, feats = _head_outputs(2, seed=3, cate_shift=-2.0)
+    g = torch.Generator().manual_seed(3)
+    kernels = [torch.randn(k.shape[0], 9 * k.shape[1], *k.shape[2:], generator=g) for k in kernels]
+    sizes = [(128, 160), (90, 100)]
+    fast = _run(_processor(inference_path="fast"), cate, kernels, feats, sizes)
+    plain = _run(_processor(inference_path="plain"), cate, kernels, feats, sizes)
+    assert sum(len(r) for r in plain) > 10
+    for a, b in zip(fast, plain):
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_masks, b.pred_masks)
 
 
 def test_an_image_gets_the_same_result_alone_and_in_a_padded_batch():
