@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import needs_cuda
 
 from solov2_d2 import block_masks
 from solov2_d2 import postprocess as pp
@@ -537,3 +538,17 @@ def test_post_processor_with_chunks_of_both_paths(monkeypatch, one_thread):
         )
         assert all(len(r) > 20 for r in found)
     assert True in calls["score"] and False in calls["score"]
+
+
+@needs_cuda
+def test_post_processor_fast_path_on_cuda(monkeypatch):
+    """`INFERENCE_PATH fast` on CUDA (TF32 off): the fast paths run there too and give the plain
+    CUDA path's instances, on the device."""
+    cate, kernels, features = _compact_load(2, 600, (64, 80), seed=4)
+    on_cuda = ([c.cuda() for c in cate], [k.cuda() for k in kernels], features.cuda())
+    sizes = [(256, 320), (230, 270)]
+    calls = _spy(monkeypatch)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    found = _fast_and_plain(*on_cuda, sizes, sizes)
+    assert all(r.pred_masks.is_cuda and len(r) > 20 for r in found)
+    assert any(calls["score"]) and any(calls["paste"])
