@@ -476,7 +476,9 @@ class SOLOv2PostProcessor:
         [N, height, width] masks of the requested output and their float32 [N, 4] XYXY boxes.
 
         Masks are processed a few at a time, so that the float intermediates stay within
-        `_PASTE_CHUNK_BYTES` whatever the output size.
+        `_PASTE_CHUNK_BYTES` whatever the output size. Where the output has the input's size, the
+        fast path (:func:`paste_cropped`) upsamples each mask only around its pixels near the
+        threshold, with the same results.
         """
         work = soft.shape[0] * output_size[0] * output_size[1]
         if tuple(output_size) == tuple(image_size) and self._fast(
