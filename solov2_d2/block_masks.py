@@ -189,7 +189,7 @@ class MaskBlocks:
         areas = torch.zeros(b * n, dtype=torch.int32, device=kernels.device)
         sums = torch.zeros(b * n, dtype=torch.float64, device=kernels.device)
         kept, bits = [pairs.new_zeros(0)], [valid.new_zeros((0, BLOCK * BLOCK))]
-        for table, filled, image, cand, probs in self._products(kernels, pairs):
+        for table, filled, image, _, cand, probs in self._products(kernels, pairs):
             above = probs > thresh
             flat = (image[:, None] * n + cand)[filled]
             areas.index_add_(0, flat, above.sum(dim=2, dtype=torch.int32)[filled])
@@ -217,9 +217,9 @@ class MaskBlocks:
         if pairs is None:
             return None
         out = kernels.new_zeros((b, n, hb * BLOCK, wb * BLOCK))
-        for table, filled, image, cand, probs in self._products(kernels, pairs):
-            rows, cols = _block_pixels(pairs[table[filled], 2], wb)
+        for _, filled, image, block, cand, probs in self._products(kernels, pairs):
             where = filled.nonzero(as_tuple=True)[0]
+            rows, cols = _block_pixels(block[where], wb)
             out[image[where][:, None, None], cand[filled][:, None, None], rows, cols] = probs[
                 filled
             ].view(-1, BLOCK, BLOCK)
@@ -235,18 +235,19 @@ class MaskBlocks:
     def _products(self, kernels: torch.Tensor, pairs: torch.Tensor) -> Iterator[tuple]:
         """Probabilities of the (image, candidate, block) `pairs` [P, 3], a bucket of blocks at a
         time. Yields table [g, W] (pair indices), filled [g, W] (bool, False for padding), image
-        [g], candidate [g, W] and float32 [g, W, 64] probabilities (0 outside the extent)."""
+        [g], block [g], candidate [g, W] and float32 [g, W, 64] probabilities (0 outside the
+        extent)."""
         num_blocks = self.high.shape[1]
         key = pairs[:, 0] * num_blocks + pairs[:, 2]
         for keys, table, filled in _groups_by_key(key, kernels.shape[0] * num_blocks):
-            image = keys // num_blocks
-            rows, cols = _block_pixels(keys % num_blocks, self.grid[1])  # [g, 8, 1], [g, 1, 8]
+            image, block = keys // num_blocks, keys % num_blocks
+            rows, cols = _block_pixels(block, self.grid[1])  # [g, 8, 1], [g, 1, 8]
             features = self.features[image[:, None, None], rows, cols].flatten(1, 2)  # [g, 64, E]
             cand = pairs[table, 1]
             # One product per block: its candidates [g, W, E] by its pixels [g, E, 64].
             logits = torch.bmm(kernels[image[:, None], cand], features.mT)
             inside = self.inside[image[:, None, None], rows, cols].flatten(1)[:, None]
-            yield table, filled, image, cand, logits.sigmoid_().mul_(inside)
+            yield table, filled, image, block, cand, logits.sigmoid_().mul_(inside)
 
 
 def _block_pixels(block: torch.Tensor, blocks_per_row: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -60,7 +60,7 @@ def matrix_nms_decay(
 
     Args:
         masks: [B, N, P] binary masks (bool or 0/1 of any dtype), pixels flattened; only its
-            shape is read when `intersections` is given.
+            not read when `intersections` is given.
         labels: int64 [B, N].
         valid: bool [B, N]; invalid candidates neither decay nor are decayed.
         kernel: "gaussian" or "linear".
@@ -71,9 +71,9 @@ def matrix_nms_decay(
     """
     if kernel not in ("gaussian", "linear"):
         raise ValueError(f"Unknown Matrix NMS kernel {kernel!r}, expected 'gaussian' or 'linear'.")
-    num = masks.shape[1]
+    num = labels.shape[1]
     if num == 0:
-        return torch.ones(masks.shape[:2], device=labels.device)
+        return torch.ones(labels.shape, device=labels.device)
     inter = mask_intersections(masks) if intersections is None else intersections  # [B, N, N]
     areas = inter.diagonal(dim1=1, dim2=2)
     union = areas[:, :, None] + areas[:, None, :] - inter

@@ -63,6 +63,14 @@ def _cat_masks(parts: list):
     return torch.cat([p.dense() if isinstance(p, BlockBits) else p for p in parts], dim=1)
 
 
+def _select_masks(masks, order: torch.Tensor):
+    """The masks int64 [B, k] of each image of binary masks [B, n, P] (bool or `BlockBits`)."""
+    if isinstance(masks, BlockBits):
+        return masks.select(order)
+    # Rows by advanced indexing: whole masks copied, much faster than a gather.
+    return masks[torch.arange(order.shape[0], device=order.device)[:, None], order]
+
+
 def _row_sums(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Sums [B, n] over the last dimension of x [B, n, P], accumulated in `dtype`.
 
@@ -461,13 +469,8 @@ class SOLOv2PostProcessor:
         order = sort_descending(merged.scores, merged.valid)
         if self.pre_nms_topk > 0:
             order = order[:, : self.pre_nms_topk]
-        if isinstance(merged.binary, BlockBits):
-            binary = merged.binary.select(order)
-        else:
-            # Rows by advanced indexing: whole masks copied, much faster than a gather.
-            images = torch.arange(order.shape[0], device=order.device)[:, None]
-            binary = merged.binary[images, order]
-        return _Ranked(*(x.gather(1, order) for x in merged[:4]), binary)
+        kept = [x.gather(1, order) for x in merged[:4]]
+        return _Ranked(*kept, _select_masks(merged.binary, order))
 
     def paste(
         self, soft: torch.Tensor, image_size: Tuple[int, int], output_size: Tuple[int, int]
