@@ -20,6 +20,8 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .lazy_zeros import lazy_zeros
+
 __all__ = ["BLOCK", "MIN_PRODUCT_ROWS", "BlockBits", "MaskBlocks"]
 
 BLOCK = 8
@@ -131,12 +133,16 @@ class MaskBlocks:
         b, e, h, w = mask_features.shape
         self.size = (h, w)
         pad = (0, -w % BLOCK, 0, -h % BLOCK)
+        # Without a pixel outside (extent or padding), the products need no masking.
+        self.all_inside = inside is None and not any(pad)
         if inside is None:
             inside = mask_features.new_ones((b, 1, h * w))
         if any(pad):
             # Edge values: the padding then widens no block's channel ranges.
             mask_features = F.pad(mask_features, pad, mode="replicate")
-        self.features = mask_features.permute(0, 2, 3, 1)  # [B, H', W', E]
+        # Contiguous, so that a row of a block's pixels is one run of memory (no copy for the
+        # network's channels-last features).
+        self.features = mask_features.permute(0, 2, 3, 1).contiguous()  # [B, H', W', E]
         self.inside = F.pad(inside.view(b, h, w), pad)
         self.grid = (self.features.shape[1] // BLOCK, self.features.shape[2] // BLOCK)
         by_block = self.features.unflatten(2, (-1, BLOCK)).unflatten(1, (-1, BLOCK))
@@ -189,9 +195,9 @@ class MaskBlocks:
         areas = torch.zeros(b * n, dtype=torch.int32, device=kernels.device)
         sums = torch.zeros(b * n, dtype=torch.float64, device=kernels.device)
         kept, bits = [pairs.new_zeros(0)], [valid.new_zeros((0, BLOCK * BLOCK))]
-        for table, filled, image, _, cand, probs in self._products(kernels, pairs):
+        for table, filled, flat, _, probs in self._products(kernels, pairs):
             above = probs > thresh
-            flat = (image[:, None] * n + cand)[filled]
+            flat = flat[filled]
             areas.index_add_(0, flat, above.sum(dim=2, dtype=torch.int32)[filled])
             probs = F.threshold_(probs, thresh, 0.0).sum(dim=2, dtype=torch.float64)
             sums.index_add_(0, flat, probs[filled])
@@ -216,13 +222,12 @@ class MaskBlocks:
         pairs = self._pairs(ring.view(b, n, hb * wb) & self.has_inside[:, None, :])
         if pairs is None:
             return None
-        out = kernels.new_zeros((b, n, hb * BLOCK, wb * BLOCK))
-        for _, filled, image, block, cand, probs in self._products(kernels, pairs):
-            where = filled.nonzero(as_tuple=True)[0]
-            rows, cols = _block_pixels(block[where], wb)
-            out[image[where][:, None, None], cand[filled][:, None, None], rows, cols] = probs[
-                filled
-            ].view(-1, BLOCK, BLOCK)
+        out = lazy_zeros((b, n, hb * BLOCK, wb * BLOCK), torch.float32, kernels.device)
+        out_rows = out.view(-1, BLOCK)  # [B * n * H' * wb, 8]: a row of a block of a mask
+        for _, filled, flat, rows, probs in self._products(kernels, pairs):
+            # [g, W, 8]: the rows of `out` of each candidate's block.
+            index = flat[:, :, None] * (hb * BLOCK * wb) + rows[:, None, :]
+            out_rows.index_copy_(0, index[filled].flatten(), probs[filled].view(-1, BLOCK))
         h, w = self.size
         return out[:, :, :h, :w].reshape(b, n, h * w)
 
@@ -234,20 +239,33 @@ class MaskBlocks:
 
     def _products(self, kernels: torch.Tensor, pairs: torch.Tensor) -> Iterator[tuple]:
         """Probabilities of the (image, candidate, block) `pairs` [P, 3], a bucket of blocks at a
-        time. Yields table [g, W] (pair indices), filled [g, W] (bool, False for padding), image
-        [g], block [g], candidate [g, W] and float32 [g, W, 64] probabilities (0 outside the
-        extent)."""
-        num_blocks = self.high.shape[1]
+        time. Yields table [g, W] (pair indices), filled [g, W] (bool, False for padding), the
+        candidates [g, W] (image * n + candidate), the rows of the blocks' pixels [g, 8] (indices
+        of rows of 8 pixels in an image's H' x W' map, row-major) and float32 [g, W, 64]
+        probabilities (0 outside the extent)."""
+        b, n, e = kernels.shape
+        hb, wb = self.grid
+        num_blocks = hb * wb
+        # Rows of 8 pixels and their channels, so that gathers copy runs of memory.
+        feature_rows = self.features.view(-1, BLOCK * e)  # [B * H' * wb, 8 E]
+        inside_rows = self.inside.view(-1, BLOCK)  # [B * H' * wb, 8]
+        kernels = kernels.reshape(b * n, e)
+        cand = pairs[:, 0] * n + pairs[:, 1]
         key = pairs[:, 0] * num_blocks + pairs[:, 2]
-        for keys, table, filled in _groups_by_key(key, kernels.shape[0] * num_blocks):
+        pixels = torch.arange(BLOCK, device=kernels.device)
+        for keys, table, filled in _groups_by_key(key, b * num_blocks):
             image, block = keys // num_blocks, keys % num_blocks
-            rows, cols = _block_pixels(block, self.grid[1])  # [g, 8, 1], [g, 1, 8]
-            features = self.features[image[:, None, None], rows, cols].flatten(1, 2)  # [g, 64, E]
-            cand = pairs[table, 1]
+            rows = (block // wb * BLOCK)[:, None] + pixels  # [g, 8] rows of the image
+            rows = rows * wb + (block % wb)[:, None]  # rows of 8 pixels in the image's map
+            index = (image * (hb * BLOCK * wb))[:, None] + rows  # ... in the batch's
+            features = feature_rows.index_select(0, index.flatten()).view(-1, BLOCK * BLOCK, e)
+            flat = cand[table]  # [g, W]
             # One product per block: its candidates [g, W, E] by its pixels [g, E, 64].
-            logits = torch.bmm(kernels[image[:, None], cand], features.mT)
-            inside = self.inside[image[:, None, None], rows, cols].flatten(1)[:, None]
-            yield table, filled, image, block, cand, logits.sigmoid_().mul_(inside)
+            chunk = kernels.index_select(0, flat.flatten()).view(*flat.shape, e)
+            probs = torch.bmm(chunk, features.mT).sigmoid_()
+            if not self.all_inside:
+                probs.mul_(inside_rows.index_select(0, index.flatten()).view(-1, 1, BLOCK * BLOCK))
+            yield table, filled, flat, rows, probs
 
 
 def _block_pixels(block: torch.Tensor, blocks_per_row: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -263,24 +281,33 @@ def _groups_by_key(key: torch.Tensor, num_keys: int) -> Iterator[tuple]:
 
     Keys are bucketed by their number of items, padded to the next power of two (at least
     `MIN_PRODUCT_ROWS`), so that padding at most doubles the work, and split into groups of at
-    most `_GROUP_ROWS` rows. Yields per group: its keys [g], table [g, W] (item indices, in
-    increasing order; 0 for padding) and filled [g, W] (bool, False for padding).
+    most `_GROUP_ROWS` rows. Yields per group: its keys [g] (increasing), table [g, W] (item
+    indices, in increasing order; 0 for padding) and filled [g, W] (bool, False for padding).
     """
-    key, order = key.sort(stable=True)
     counts = torch.bincount(key, minlength=num_keys)
-    starts = counts.cumsum(0) - counts
-    rank = torch.arange(key.shape[0], device=key.device) - starts[key]
     widths = counts.clamp(min=MIN_PRODUCT_ROWS).float().log2().ceil().exp2().long()
-    widths = widths.masked_fill_(counts == 0, 0)
-    for width in widths.unique().tolist():
-        if width == 0:
-            continue
-        for keys in (widths == width).nonzero()[:, 0].split(max(1, _GROUP_ROWS // width)):
-            row = torch.full((num_keys,), -1, dtype=torch.long, device=key.device)
-            row[keys] = torch.arange(keys.shape[0], device=key.device)
-            members = row[key] >= 0
-            table = torch.zeros((keys.shape[0], width), dtype=torch.long, device=key.device)
-            filled = torch.zeros((keys.shape[0], width), dtype=torch.bool, device=key.device)
-            table[row[key[members]], rank[members]] = order[members]
-            filled[row[key[members]], rank[members]] = True
-            yield keys, table, filled
+    used = counts.nonzero()[:, 0]
+    # Keys by (width, key) and items by (width, key, index): a group's keys and items are then
+    # contiguous ranges, so each group touches only its own items.
+    keys = used[widths[used].argsort(stable=True)]
+    order = (widths[key] * num_keys + key).argsort(stable=True)
+    sizes = counts[keys]
+    item_key = torch.arange(keys.shape[0], device=key.device).repeat_interleave(sizes)  # [P]
+    ends = sizes.cumsum(0)
+    rank = torch.arange(key.shape[0], device=key.device) - (ends - sizes)[item_key]
+    # Host reads: the group boundaries.
+    bucket_widths, bucket_sizes = torch.unique_consecutive(widths[keys], return_counts=True)
+    ends = [0] + ends.tolist()
+    bucket_start = 0
+    for width, size in zip(bucket_widths.tolist(), bucket_sizes.tolist()):
+        bucket_stop, step = bucket_start + size, max(1, _GROUP_ROWS // width)
+        for start in range(bucket_start, bucket_stop, step):
+            stop = min(start + step, bucket_stop)
+            items = slice(ends[start], ends[stop])
+            table = torch.zeros((stop - start, width), dtype=torch.long, device=key.device)
+            filled = torch.zeros((stop - start, width), dtype=torch.bool, device=key.device)
+            index = (item_key[items] - start, rank[items])
+            table[index] = order[items]
+            filled[index] = True
+            yield keys[start:stop], table, filled
+        bucket_start = bucket_stop

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .lazy_zeros import lazy_zeros
 from .mask_boxes import first_last, masks_to_boxes
 
 __all__ = ["NEAR_MARGIN", "paste_cropped"]
@@ -51,7 +52,7 @@ def paste_cropped(
     if int((heights * widths).sum()) > _DENSE_FRACTION * num * h_m * w_m:
         return None
     height, width = image_size
-    masks = soft.new_zeros((num, height, width), dtype=torch.bool)
+    masks = lazy_zeros((num, height, width), torch.bool, soft.device)
     boxes = soft.new_zeros((num, 4))
     areas = heights * widths
     order = areas.argsort()
