@@ -101,15 +101,18 @@ class BlockBits(NamedTuple):
         integers, as `mask_intersections` of the dense masks)."""
         b, n, _ = self.shape
         num_blocks = self.grid[0] * self.grid[1]
-        counts = self.bits.new_zeros(b * n * n, dtype=torch.float32)
+        # Padding takes a block without bits, of a mask n outside the result: no masking.
+        bits = torch.cat([self.bits, self.bits.new_zeros((1, BLOCK * BLOCK))]).float()
+        row = torch.cat([self.row, self.row.new_full((1,), n)])
+        counts = bits.new_zeros(b * (n + 1) * (n + 1))
         key = self.image * num_blocks + self.block
         for keys, table, filled in _groups_by_key(key, b * num_blocks):
-            bits = self.bits[table].float() * filled[..., None]  # [g, W, 64], padding zeroed
-            both = filled[:, :, None] & filled[:, None, :]
-            rows = (keys // num_blocks)[:, None] * n + self.row[table]  # [g, W]
-            index = rows[:, :, None] * n + self.row[table][:, None, :]  # [g, W, W]
-            counts.index_add_(0, index[both], torch.bmm(bits, bits.mT)[both])
-        return counts.view(b, n, n)
+            table = table.masked_fill_(~filled, self.bits.shape[0])
+            x, masks = bits[table], row[table]  # [g, W, 64], [g, W]
+            rows = masks + (keys // num_blocks * (n + 1))[:, None]  # rows of the batch's counts
+            index = rows[:, :, None] * (n + 1) + masks[:, None, :]  # [g, W, W]
+            counts.index_add_(0, index.flatten(), torch.bmm(x, x.mT).flatten())
+        return counts.view(b, n + 1, n + 1)[:, :n, :n]
 
 
 class MaskBlocks:
@@ -192,22 +195,25 @@ class MaskBlocks:
         pairs = self._pairs(self.may_pass(kernels, thresh) & valid[:, :, None])
         if pairs is None:
             return None
-        areas = torch.zeros(b * n, dtype=torch.int32, device=kernels.device)
-        sums = torch.zeros(b * n, dtype=torch.float64, device=kernels.device)
+        # Padding counts in a slot past the results.
+        areas = torch.zeros(b * n + 1, dtype=torch.int32, device=kernels.device)
+        sums = torch.zeros(b * n + 1, dtype=torch.float64, device=kernels.device)
         kept, bits = [pairs.new_zeros(0)], [valid.new_zeros((0, BLOCK * BLOCK))]
         for table, filled, flat, _, probs in self._products(kernels, pairs):
-            above = probs > thresh
-            flat = flat[filled]
-            areas.index_add_(0, flat, above.sum(dim=2, dtype=torch.int32)[filled])
+            above = probs > thresh  # [g, W, 64]
+            counts = above.sum(dim=2, dtype=torch.int32)
+            flat = flat.masked_fill_(~filled, b * n).flatten()
+            areas.index_add_(0, flat, counts.flatten())
             probs = F.threshold_(probs, thresh, 0.0).sum(dim=2, dtype=torch.float64)
-            sums.index_add_(0, flat, probs[filled])
-            kept.append(table[filled])
-            bits.append(above[filled])
-        kept, bits = torch.cat(kept), torch.cat(bits)
-        some = bits.any(dim=1)  # blocks without a pixel above play no further part
-        image, cand, block = pairs[kept[some]].unbind(1)
+            sums.index_add_(0, flat, probs.flatten())
+            # Blocks without a pixel above play no further part.
+            some = ((counts > 0) & filled).flatten().nonzero()[:, 0]
+            kept.append(table.flatten()[some])
+            bits.append(above.flatten(0, 1)[some])
+        image, cand, block = pairs[torch.cat(kept)].unbind(1)
         shape = (b, n, self.size[0] * self.size[1])
-        masks = BlockBits(image, cand, block, bits[some], shape, self.grid, self.size)
+        masks = BlockBits(image, cand, block, torch.cat(bits), shape, self.grid, self.size)
+        areas, sums = areas[:-1], sums[:-1]
         return areas.view(b, n), sums.view(b, n), masks
 
     def probs(self, kernels: torch.Tensor, near: float) -> Optional[torch.Tensor]:

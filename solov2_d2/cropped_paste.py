@@ -54,30 +54,24 @@ def paste_cropped(
     height, width = image_size
     masks = lazy_zeros((num, height, width), torch.bool, soft.device)
     boxes = soft.new_zeros((num, 4))
-    areas = heights * widths
-    order = areas.argsort()
+    order = (heights * widths).argsort()
     arange = lambda n: torch.arange(n, device=soft.device)  # noqa: E731
     flat_masks = masks.view(torch.uint8).view(-1)
     per_pixel = 13 * stride * stride  # float, int64 and bool intermediates per upsampled pixel
-    start = 0
-    while start < num:
-        # A chunk sized by its first crop, then cut to the largest crop it holds.
-        count = max(1, max_bytes // (per_pixel * max(1, int(areas[order[start]]))))
-        index = order[start : start + count]
-        count = max(1, max_bytes // (per_pixel * int(heights[index].max() * widths[index].max())))
-        index = index[:count]
-        start += index.shape[0]
-        hc, wc = int(heights[index].max()), int(widths[index].max())
+    for index, (hc, wc) in _chunks(heights[order], widths[order], per_pixel, max_bytes):
+        index = order[index]
         # Crops of the common size, moved back where they would pass the map's edge.
         rows = top[index].clamp(max=h_m - hc)[:, None] + arange(hc)  # [k, hc]
         cols = left[index].clamp(max=w_m - wc)[:, None] + arange(wc)  # [k, wc]
         crops = soft[index[:, None, None], rows[:, :, None], cols[:, None, :]]
         size = (hc * stride, wc * stride)
         up = F.interpolate(crops[:, None], size=size, mode="bilinear", align_corners=False)
+        up = up[:, 0] > thresh
         out_rows = rows[:, :1] * stride + arange(size[0])  # [k, stride * hc]
         out_cols = cols[:, :1] * stride + arange(size[1])
-        inside = (out_rows < height)[:, :, None] & (out_cols < width)[:, None, :]
-        up = (up[:, 0] > thresh) & inside
+        past_edge = int(out_rows[:, -1].max()) >= height or int(out_cols[:, -1].max()) >= width
+        if past_edge:  # host read: most chunks lie inside the image
+            up &= (out_rows < height)[:, :, None] & (out_cols < width)[:, None, :]
         found = masks_to_boxes(up)
         offset = torch.stack([out_cols[:, 0], out_rows[:, 0]] * 2, dim=1)
         boxes[index] = (found + offset) * found.any(dim=1, keepdim=True)
@@ -87,3 +81,18 @@ def paste_cropped(
         target = (index * height * width)[:, None, None] + rows_px + cols_px
         flat_masks.index_add_(0, target.flatten(), up.flatten().view(torch.uint8))
     return masks, boxes
+
+
+def _chunks(heights: torch.Tensor, widths: torch.Tensor, per_pixel: int, max_bytes: int):
+    """Chunks of the crops of int64 heights and widths [N] in this order, each padded to its
+    largest height and width and within `max_bytes` at `per_pixel` bytes per crop pixel (a crop
+    alone may pass it). Yields the slice of the crops and the common (height, width)."""
+    start = 0
+    while start < heights.shape[0]:
+        # The padded size of every prefix of the remaining crops.
+        h, w = heights[start:].cummax(0).values, widths[start:].cummax(0).values
+        count = torch.arange(1, h.shape[0] + 1, device=h.device)
+        # The sizes only grow: the crops that fit are a prefix.
+        stop = max(1, int((count * h * w * per_pixel <= max_bytes).sum()))
+        yield slice(start, start + stop), (int(h[stop - 1]), int(w[stop - 1]))
+        start += stop
