@@ -32,8 +32,8 @@ __all__ = [
 _PASTE_CHUNK_BYTES = 1 << 24
 # Below these amounts of work the fast paths' fixed costs outweigh what they save on the CPU
 # (README, "Speed"): candidates x mask pixels for mask scoring, masks x output pixels for pasting.
-_BLOCKS_LEAST_WORK = 1 << 24
-_CROP_LEAST_WORK = 1 << 25
+_BLOCKS_LEAST_WORK = 1 << 22
+_CROP_LEAST_WORK = 1 << 24
 # Candidates whose bounds decide at once whether mask scoring may take its fast path.
 _SAMPLE = 64
 
