@@ -7,17 +7,20 @@ candidate count, under the compact load of benchmark.py (median ms of --repeats,
 
 The auto path takes each fast path only above a work threshold (`_BLOCKS_LEAST_WORK`,
 `_CROP_LEAST_WORK` in solov2_d2/postprocess.py): it should be about the faster of the other two
-in every row. Every row also checks that the three give the same instances. OMP_WAIT_POLICY is
-left as the environment sets it, as in benchmark.py (its docstring says why it matters).
+in every row. Every row also checks that the three give the same instances.
 """
-import argparse
-import functools
-import json
 import os
 
-import torch
-from bench_matrix_nms import median_ms
-from benchmark import MODELS, ForcedCandidates, build, random_images
+# Before torch is imported, as benchmark.py does (its docstring says why).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+
+import torch  # noqa: E402
+from bench_matrix_nms import median_ms  # noqa: E402
+from benchmark import MODELS, ForcedCandidates, build, random_images  # noqa: E402
 
 SIZES = [(192, 288), (320, 480), (480, 640), (800, 1333)]
 COUNTS = [100, 300, 1000]
@@ -57,8 +60,6 @@ def main():
     device = torch.device("cpu")
     model = build(MODELS["SOLOv2-R50"], "cpu")
     post = model.postprocessor
-    print(f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}, torch threads "
-          f"{torch.get_num_threads()}")
     print(f"| input | candidates | detections | {' | '.join(p + ' ms' for p in PATHS)} | same |")
     print("|---|---:|---:|" + "---:|" * len(PATHS) + ":---:|")
     rows = []

@@ -21,39 +21,42 @@ Writes benchmark.json and benchmark.md (also printed) to --out. Every time is a 
   RSS (VmHWM) of the call over the RSS before it; on CUDA torch.cuda.max_memory_allocated. Also
   DefaultPredictor on a 6000 x 8000 photo under the heavy load (100 output masks of that size).
 
-OMP_WAIT_POLICY: left as the environment sets it; unset, GNU OpenMP's default applies (worker
-threads spin a short while after each parallel region, then sleep), which is what a torch user
-gets. Code of many small operations (post-processing, NMS) depends on it far more than large
-convolutions: the table of post-processing alone also gives the chosen path's time in a fresh
-process under PASSIVE (threads sleep at once, as on a machine shared with busy processes). The
-policy in effect is printed with the results.
+OMP_WAIT_POLICY: unless it is set, this sets PASSIVE before importing torch. GNU OpenMP's worker
+threads otherwise spin after each parallel region; with other processes busy on the machine they
+take CPU from the main thread, and code of many small ops (post-processing, NMS) slows down far
+more than large convolutions. The policy in effect is printed with the results.
 """
-import argparse
-import json
-import math
 import os
-import platform
-import statistics
-import time
-from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
-import torch
-from fvcore.nn import FlopCountAnalysis
+# Before torch is imported (see the module docstring).
+OMP_POLICY_DEFAULTED = "OMP_WAIT_POLICY" not in os.environ
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import solov2_d2  # noqa: F401  # isort: split
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
-from bench_matrix_nms import median_ms, run_case
-from bench_targets import random_instances, time_target_assignment
-from peak_memory import peak_memory_mb, run_in_fresh_process
-from random_model import random_model_cfg
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from fvcore.nn import FlopCountAnalysis  # noqa: E402
 
-from detectron2.engine import DefaultPredictor
-from detectron2.modeling import build_model
+import solov2_d2  # noqa: E402,F401  # isort: split
 
-from solov2_d2 import matrix_nms
-from solov2_d2.mask_intersections import mask_intersections_float
+from bench_matrix_nms import median_ms, run_case  # noqa: E402
+from bench_targets import random_instances, time_target_assignment  # noqa: E402
+from peak_memory import peak_memory_mb, run_in_fresh_process  # noqa: E402
+from random_model import random_model_cfg  # noqa: E402
+
+from detectron2.engine import DefaultPredictor  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from solov2_d2 import matrix_nms  # noqa: E402
+from solov2_d2.mask_intersections import mask_intersections_float  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -280,10 +283,10 @@ def bench_inference(name, size, batch, candidates, repeats, device) -> dict:
     return result
 
 
-def bench_postprocess(name, size, candidates, repeats, device, plain_too=True) -> list:
+def bench_postprocess(name, size, candidates, repeats, device) -> list:
     """Post-processing alone on captured head outputs of one image, per forced load: the chosen
     path (on the CPU: block-bounded mask scoring, cropped pasting, int8 mask intersections) next
-    to the plain one (every pixel, float32 intersection products; unless `plain_too` is False)."""
+    to the plain one (every pixel, float32 intersection products)."""
     model = build(MODELS[name], str(device))
     inputs = [{"image": image} for image in random_images(1, size)]
     post = model.postprocessor
@@ -309,10 +312,6 @@ def bench_postprocess(name, size, candidates, repeats, device, plain_too=True) -
             finally:
                 matrix_nms.mask_intersections, post.inference_path = original, path
 
-        if not plain_too:
-            ms = median_ms([chosen], device, warmup=1, repeats=repeats)[0]
-            results.append({"model": name, "load": load, "chosen_ms": ms})
-            continue
         ms = median_ms([plain, chosen], device, warmup=1, repeats=repeats)
         a, b = plain(), chosen()
         same = all(
@@ -394,7 +393,8 @@ def machine(device) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (the OpenMP default)"),
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]
+        + (" (set by this script)" if OMP_POLICY_DEFAULTED else ""),
         "python": platform.python_version(),
     }
     if device.type == "cuda":
@@ -443,18 +443,16 @@ def markdown(results) -> str:
     lines += [
         "",
         "Post-processing alone, one image, ms (plain: every pixel of every mask, float32 mask "
-        "intersections; chosen: the default paths of this device; PASSIVE: the chosen paths in "
-        "a fresh process with OMP_WAIT_POLICY=PASSIVE):",
+        "intersections; chosen: the default paths of this device):",
         "",
-        "| model | input | load | candidates | plain ms | chosen ms | chosen ms, PASSIVE | "
-        "detections | same results |",
-        "|---|---|---|---:|---:|---:|---:|---:|:---:|",
+        "| model | input | load | candidates | plain ms | chosen ms | detections | same results |",
+        "|---|---|---|---:|---:|---:|---:|:---:|",
     ]
     for r in results["postprocess"]:
         lines.append(
             f"| {r['model']} | {r['size'][0]}x{r['size'][1]} | {r['load']} | {r['candidates']} | "
-            f"{r['plain_ms']:.0f} | {r['chosen_ms']:.0f} | {r['chosen_passive_ms']:.0f} | "
-            f"{r['detections']} | {'yes' if r['same'] else 'NO'} |"
+            f"{r['plain_ms']:.0f} | {r['chosen_ms']:.0f} | {r['detections']} | "
+            f"{'yes' if r['same'] else 'NO'} |"
         )
     lines += [
         "",
@@ -514,9 +512,7 @@ def check(results):
     times += [r["peak_mb"] for r in results["peak_memory"]]
     if not all(math.isfinite(t) and t > 0 for t in times):
         raise SystemExit("A measurement is not a positive number; see the JSON.")
-    times += [
-        r[k] for r in results["postprocess"] for k in ("plain_ms", "chosen_ms", "chosen_passive_ms")
-    ]
+    times += [r[k] for r in results["postprocess"] for k in ("plain_ms", "chosen_ms")]
     if not all(r["same"] for r in results["postprocess"]):
         raise SystemExit("The chosen post-processing path differs from the plain one.")
     if not all(r["same_keep_and_labels"] for r in results["matrix_nms"]):
@@ -532,20 +528,11 @@ def main():
     parser.add_argument("--candidates", type=int, default=1000, help="forced candidate load")
     parser.add_argument("--threads", type=int, help="torch intra-op CPU threads")
     parser.add_argument("--peak-memory-child", help=argparse.SUPPRESS)
-    parser.add_argument("--postprocess-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.peak_memory_child:
         print(json.dumps(peak_memory_child(json.loads(args.peak_memory_child))))
-        return
-    if args.postprocess_child:
-        spec = json.loads(args.postprocess_child)
-        found = bench_postprocess(
-            spec["model"], spec["size"], spec["candidates"], spec["repeats"],
-            torch.device(spec["device"]), plain_too=False,
-        )
-        print(json.dumps({"chosen_ms": {r["load"]: r["chosen_ms"] for r in found}}))
         return
     device = torch.device(args.device)
     if args.quick:
@@ -576,15 +563,10 @@ def main():
             r["flops"] = flops
             results["inference"].append(r)
             print(json.dumps(r), flush=True)
-    results["postprocess"] = []
-    for name, size in sizes.items():
-        spec = dict(model=name, size=list(size), candidates=args.candidates)
-        spec.update(repeats=args.repeats, device=str(device))
-        passive = run_in_fresh_process(
-            __file__, "--postprocess-child", spec, env={"OMP_WAIT_POLICY": "PASSIVE"}
-        )["chosen_ms"]
-        for r in bench_postprocess(name, size, args.candidates, args.repeats, device):
-            results["postprocess"].append(dict(r, chosen_passive_ms=passive[r["load"]]))
+    results["postprocess"] = [
+        r for name, size in sizes.items()
+        for r in bench_postprocess(name, size, args.candidates, args.repeats, device)
+    ]
     print(json.dumps(results["postprocess"]), flush=True)
     nms_args = SimpleNamespace(
         objects=40, height=nms_mask[0], width=nms_mask[1], seed=0, repeats=args.repeats

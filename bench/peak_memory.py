@@ -1,9 +1,7 @@
 """Peak memory of one call, each measurement in a fresh process: shared by the benchmarks."""
 import json
-import os
 import subprocess
 import sys
-from typing import Optional
 
 import torch
 
@@ -27,16 +25,11 @@ def peak_memory_mb(fn, device: torch.device):
     return result, peak, peak - before
 
 
-def run_in_fresh_process(script: str, flag: str, spec: dict, env: Optional[dict] = None) -> dict:
+def run_in_fresh_process(script: str, flag: str, spec: dict) -> dict:
     """`python script flag JSON(spec)` in a new process (so that earlier measurements leave
-    nothing behind), with `env` added to its environment; returns `spec` updated with the JSON
-    dict of its last output line."""
+    nothing behind); returns `spec` updated with the JSON dict of its last output line."""
     run = subprocess.run(
-        [sys.executable, script, flag, json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=dict(os.environ, **(env or {})),
+        [sys.executable, script, flag, json.dumps(spec)], capture_output=True, text=True, check=True
     )
     return dict(spec, **json.loads(run.stdout.strip().splitlines()[-1]))
 

@@ -37,5 +37,3 @@ def test_quick_benchmark_writes_sane_results(tmp_path):
     assert results["training"]["ms"] > 0 and results["training"]["targets_ms"] > 0
     assert {r["load"] for r in results["peak_memory"]} == {"compact", "heavy"}
     assert all(r["peak_mb"] > 0 and r["detections"] > 0 for r in results["peak_memory"])
-    assert all(r["chosen_passive_ms"] > 0 for r in results["postprocess"])
-    assert "chosen ms, PASSIVE" in table
