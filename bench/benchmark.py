@@ -23,7 +23,9 @@ Writes benchmark.json and benchmark.md (also printed) to --out. Every time is a 
 
 OMP_WAIT_POLICY: unless it is set, this sets PASSIVE before importing torch. GNU OpenMP's worker
 threads otherwise spin after each parallel region; with other processes busy on the machine they
-take CPU from the main thread, and code of many small ops (post-processing, NMS) slows down far
+take CPU from the main thread, and even on an idle machine post-processing in the model (right
+after the network) was slower under the default policy than under PASSIVE, although alone it was
+faster (README, "Speed"). Code of many small ops (post-processing, NMS) depends on the policy far
 more than large convolutions. The policy in effect is printed with the results.
 """
 import os

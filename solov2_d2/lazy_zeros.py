@@ -14,8 +14,8 @@ def lazy_zeros(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -
 
     On the CPU the memory comes from calloc (numpy's zeros): large blocks are fresh pages that
     the OS supplies already zeroed when they are first written, and pages never written read as
-    the shared zero page. `torch.zeros` writes every byte instead, which costs more than the
-    rest of pasting sparse masks (README, "Speed"). Other devices and dtypes get `torch.zeros`.
+    the shared zero page, so a mostly-zero output costs only the pages written. `torch.zeros`
+    writes every byte. Other devices and dtypes (those without a numpy twin) get `torch.zeros`.
     """
     if torch.device(device).type == "cpu" and dtype in _NUMPY_DTYPES:
         return torch.from_numpy(np.zeros(tuple(shape), dtype=_NUMPY_DTYPES[dtype]))
