@@ -20,8 +20,6 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .lazy_zeros import lazy_zeros
-
 __all__ = ["BLOCK", "MIN_PRODUCT_ROWS", "BlockBits", "MaskBlocks"]
 
 BLOCK = 8
@@ -228,7 +226,7 @@ class MaskBlocks:
         pairs = self._pairs(ring.view(b, n, hb * wb) & self.has_inside[:, None, :])
         if pairs is None:
             return None
-        out = lazy_zeros((b, n, hb * BLOCK, wb * BLOCK), torch.float32, kernels.device)
+        out = kernels.new_zeros((b, n, hb * BLOCK, wb * BLOCK))
         out_rows = out.view(-1, BLOCK)  # [B * n * H' * wb, 8]: a row of a block of a mask
         for _, filled, flat, rows, probs in self._products(kernels, pairs):
             # [g, W, 8]: the rows of `out` of each candidate's block.

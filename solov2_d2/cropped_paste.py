@@ -13,7 +13,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .lazy_zeros import lazy_zeros
 from .mask_boxes import first_last, masks_to_boxes
 
 __all__ = ["NEAR_MARGIN", "paste_cropped"]
@@ -52,7 +51,7 @@ def paste_cropped(
     if int((heights * widths).sum()) > _DENSE_FRACTION * num * h_m * w_m:
         return None
     height, width = image_size
-    masks = lazy_zeros((num, height, width), torch.bool, soft.device)
+    masks = soft.new_zeros((num, height, width), dtype=torch.bool)
     boxes = soft.new_zeros((num, 4))
     order = (heights * widths).argsort()
     arange = lambda n: torch.arange(n, device=soft.device)  # noqa: E731
