@@ -1,8 +1,10 @@
 """Where the CPU's fast paths of post-processing pay: the plain, fast and auto paths
 (`MODEL.SOLOV2.INFERENCE_PATH`) on captured head outputs of SOLOv2-R50, by input size and
-candidate count, under the compact load of benchmark.py (median ms of --repeats, one image).
+candidate count, under a forced load of benchmark.py (median ms of --repeats, one image): its
+compact load, the same with large objects (sqrt(area) 150..1200 input pixels), or its heavy load.
 
-    .venv/bin/python bench/bench_fast_paths.py            # about 3 minutes here
+    .venv/bin/python bench/bench_fast_paths.py            # compact; about 3 minutes here
+    .venv/bin/python bench/bench_fast_paths.py --load large
     .venv/bin/python bench/bench_fast_paths.py --load heavy
 
 The auto path takes each fast path only above a work threshold (`_BLOCKS_LEAST_WORK`,
@@ -25,13 +27,15 @@ from benchmark import MODELS, ForcedCandidates, build, random_images  # noqa: E4
 SIZES = [(192, 288), (320, 480), (480, 640), (800, 1333)]
 COUNTS = [100, 300, 1000]
 PATHS = ["plain", "fast", "auto"]
+# The forced loads: ForcedCandidates' arguments besides the count.
+LOADS = {"compact": {}, "large": {"sizes": (150, 1200)}, "heavy": {"heavy": True}}
 
 
-def captured_head_outputs(model, size, candidates, heavy):
-    """The post-processor's arguments for one random image of `size` under a forced load."""
+def captured_head_outputs(model, size, candidates, load):
+    """The post-processor's arguments for one random image of `size` under a forced `load`."""
     post, captured = model.postprocessor, []
     model.postprocessor = lambda *args: captured.append(args) or post(*args)
-    handles = ForcedCandidates(candidates, heavy=heavy).attach(model)
+    handles = ForcedCandidates(candidates, **LOADS[load]).attach(model)
     with torch.no_grad():
         model([{"image": random_images(1, size)[0]}])
     for h in handles:
@@ -54,7 +58,7 @@ def same(a, b) -> bool:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--load", choices=["compact", "heavy"], default="compact")
+    parser.add_argument("--load", choices=list(LOADS), default="compact")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = torch.device("cpu")
@@ -65,7 +69,7 @@ def main():
     rows = []
     for size in SIZES:
         for count in COUNTS:
-            inputs = captured_head_outputs(model, size, count, args.load == "heavy")
+            inputs = captured_head_outputs(model, size, count, args.load)
             runs = [functools.partial(run_path, post, inputs, p) for p in PATHS]
             ms = median_ms(runs, device, warmup=1, repeats=args.repeats)
             results = [run() for run in runs]

@@ -132,8 +132,9 @@ class ForcedCandidates:
       level (968 of the 3872), which lie in no other's 2 x 2 point-NMS window, so exactly `num`
       pairs survive point NMS; a cell takes a second class only when `num` exceeds their count.
     - mask features: channel j < `objects` is an elliptical object (logit 4 (1 - d) at normalised
-      elliptical distance d, at least -8; sqrt(area) log-uniform in 16..600 input pixels, aspect
-      ratio 0.5..2, centres anywhere in the image), the last channel is constant 1, others 0.
+      elliptical distance d, at least -8; sqrt(area) log-uniform in `sizes`, by default 16..600
+      input pixels; aspect ratio 0.5..2, centres anywhere in the image), the last channel is
+      constant 1, others 0.
     - kernels of the chosen cells: a * (object channel) + b * (constant channel), a in [0.8, 1.25],
       b in [-1, 1]: each cell predicts one of the objects, eroded or dilated (areas x0.56..1.56),
       so the candidates are near-duplicates of a few dozen objects, as Matrix NMS sees them in a
@@ -145,9 +146,15 @@ class ForcedCandidates:
     """
 
     def __init__(
-        self, num: int, objects: int = 40, seed: int = 0, heavy: bool = False, kernel_scale=10.0
+        self,
+        num: int,
+        objects: int = 40,
+        seed: int = 0,
+        heavy: bool = False,
+        kernel_scale=10.0,
+        sizes=(16, 600),
     ):
-        self.num, self.objects, self.seed = num, objects, seed
+        self.num, self.objects, self.seed, self.sizes = num, objects, seed, sizes
         self.heavy, self.kernel_scale = heavy, kernel_scale
         self.cache = {}
 
@@ -182,7 +189,8 @@ class ForcedCandidates:
         n = self.objects
         if n >= e:
             raise ValueError(f"{n} objects need more than {e} mask feature channels.")
-        size = torch.exp(math.log(16) + rand(b, n) * math.log(600 / 16)) / stride
+        low, high = self.sizes
+        size = torch.exp(math.log(low) + rand(b, n) * math.log(high / low)) / stride
         aspect = 0.5 + 1.5 * rand(b, n)
         ry, rx = size * aspect.sqrt() / 2, size / aspect.sqrt() / 2
         cy, cx = rand(b, n) * h, rand(b, n) * w

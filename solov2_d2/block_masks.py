@@ -20,6 +20,8 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .fresh_zeros import fresh_zeros
+
 __all__ = ["BLOCK", "MIN_PRODUCT_ROWS", "BlockBits", "MaskBlocks"]
 
 BLOCK = 8
@@ -226,7 +228,7 @@ class MaskBlocks:
         pairs = self._pairs(ring.view(b, n, hb * wb) & self.has_inside[:, None, :])
         if pairs is None:
             return None
-        out = kernels.new_zeros((b, n, hb * BLOCK, wb * BLOCK))
+        out = fresh_zeros((b, n, hb * BLOCK, wb * BLOCK), torch.float32, kernels.device)
         out_rows = out.view(-1, BLOCK)  # [B * n * H' * wb, 8]: a row of a block of a mask
         for _, filled, flat, rows, probs in self._products(kernels, pairs):
             # [g, W, 8]: the rows of `out` of each candidate's block.

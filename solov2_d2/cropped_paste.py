@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .fresh_zeros import fresh_zeros
 from .mask_boxes import first_last, masks_to_boxes
 
 __all__ = ["NEAR_MARGIN", "paste_cropped"]
@@ -20,7 +21,7 @@ __all__ = ["NEAR_MARGIN", "paste_cropped"]
 # Mask pixels this far below the threshold cannot produce an upsampled value above it.
 NEAR_MARGIN = 1e-3
 # Above this fraction of the map covered by the crops, upsampling everything is cheaper.
-_DENSE_FRACTION = 0.5
+_DENSE_FRACTION = 0.125
 
 
 def paste_cropped(
@@ -51,7 +52,7 @@ def paste_cropped(
     if int((heights * widths).sum()) > _DENSE_FRACTION * num * h_m * w_m:
         return None
     height, width = image_size
-    masks = soft.new_zeros((num, height, width), dtype=torch.bool)
+    masks = fresh_zeros((num, height, width), torch.bool, soft.device)
     boxes = soft.new_zeros((num, 4))
     order = (heights * widths).argsort()
     arange = lambda n: torch.arange(n, device=soft.device)  # noqa: E731

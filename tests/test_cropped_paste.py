@@ -3,10 +3,19 @@ of every mask over the whole map."""
 import pytest
 import torch
 
+from solov2_d2 import cropped_paste
 from solov2_d2.cropped_paste import paste_cropped
 from solov2_d2.postprocess import SOLOv2PostProcessor
 
 STRIDES = [8, 8, 16, 32, 32]
+COVERAGE_LIMIT = cropped_paste._DENSE_FRACTION
+
+
+@pytest.fixture(autouse=True)
+def crops_of_any_coverage(monkeypatch):
+    """The small maps of these tests are mostly covered by their masks' crops: the equality
+    tests take the cropped path whatever the coverage (the limit has a test of its own)."""
+    monkeypatch.setattr(cropped_paste, "_DENSE_FRACTION", 1.0)
 
 
 def _blobs(size, centres, radii, sharpness=3.0):
@@ -147,14 +156,19 @@ def test_small_chunks(stride, max_bytes):
     _assert_equal_to_plain(soft, stride, image, max_bytes=max_bytes)
 
 
-def test_gives_up_when_masks_cover_most_of_the_map():
-    soft = torch.full((4, 13, 17), 0.9)
-    assert paste_cropped(soft, 0.5, 4, (52, 68), 1 << 24) is None
-    g = torch.Generator().manual_seed(0)
-    large = _random_blobs(8, (13, 17), g, largest=12) * 0.3 + 0.5 * torch.rand(
-        8, 13, 17, generator=g
-    )
-    assert paste_cropped(large, 0.5, 4, (52, 68), 1 << 24) is None
-    # A few small masks among them: computed.
-    small = _random_blobs(40, (13, 17), g, largest=1.5)
-    _assert_equal_to_plain(torch.cat([large[:2], small]), 4, (52, 68))
+@pytest.mark.parametrize("side", [4, 12, 15, 16, 17, 18, 30, 60])
+def test_gives_up_where_the_crops_cover_more_than_the_limit(side, monkeypatch):
+    """Squares of `side` mask pixels in a 64 x 64 map: crops of side + 4 (2 pixels around), so a
+    coverage of (side + 4)^2 / 64^2 against the limit."""
+    monkeypatch.setattr(cropped_paste, "_DENSE_FRACTION", COVERAGE_LIMIT)
+    soft = torch.full((3, 64, 64), 0.1)
+    for i, top in enumerate([0, 20, 64 - side]):
+        soft[i, top : top + side, 10 : 10 + side] = 0.9
+    covered = (min(64, top + side + 2) - max(0, top - 2) for top in [0, 20, 64 - side])
+    coverage = sum(rows * min(64, side + 4) for rows in covered) / (3 * 64 * 64)
+    if coverage > COVERAGE_LIMIT:
+        assert paste_cropped(soft, 0.5, 4, (256, 256), 1 << 24) is None
+    else:
+        masks, _ = _assert_equal_to_plain(soft, 4, (256, 256))
+        areas = masks.flatten(1).sum(dim=1)
+        assert ((areas - side * side * 16).abs() <= 4).all()  # the corners lose a pixel or so
