@@ -7,8 +7,10 @@ below the threshold count in none of them. `MaskBlocks` cuts an image's mask fea
 of 8 x 8 pixels and bounds every candidate's logit over each block by the interval bound: each
 channel at its most favourable value in the block. Only the (candidate, block) pairs whose bound
 reaches the threshold are computed, by matrix products grouped by block, and the binary masks
-stay in that form (`BlockBits`) through Matrix NMS. Where many pairs may pass (large masks), the
-methods return None and the caller computes every pixel.
+stay in that form (`BlockBits`, with the blocks' probabilities) through Matrix NMS. The kept
+masks' probabilities for pasting then need products only where a pixel next to one near the
+threshold lies outside those blocks. Where many pairs may pass (large masks), the methods return
+None and the caller computes every pixel.
 
 The results are the plain path's: the logits are the same float32 dot products (each product has
 at least 16 candidates, laid out as the plain path's), areas and intersections are integer
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from .fresh_zeros import fresh_zeros
 
-__all__ = ["BLOCK", "MIN_PRODUCT_ROWS", "BlockBits", "MaskBlocks"]
+__all__ = ["BLOCK", "MIN_PRODUCT_ROWS", "REACH", "BlockBits", "MaskBlocks"]
 
 BLOCK = 8
 # Products of fewer candidates take other BLAS kernels, which round differently: both paths give
@@ -33,15 +35,21 @@ DENSE_FRACTION = 0.25
 # Rows (candidate slots) of the products computed at once: with E = 256 their kernels take 4 MB
 # and their blocks' features at most 16 MB, so that memory stays bounded whatever the load.
 _GROUP_ROWS = 4096
+# The kept masks' probabilities are exact this far around their pixels near the threshold: an
+# output pixel of upsampling then resizing (both bilinear) reads its mask pixels within 2.
+REACH = 2
+# Scoring keeps its blocks' probabilities while they take at most this much memory per chunk.
+_VALUES_MAX_BYTES = 1 << 26
 
 
 class BlockBits(NamedTuple):
-    """Binary masks [B, n, H * W] kept only in their blocks that may hold a pixel above the
+    """Binary masks [B, n, H * W] kept only in their blocks that hold a pixel above the
     threshold (the other blocks are all False).
 
     image, row, block: int64 [P], the image, the mask (0..n-1) and the block (row-major in the
     grid) of each kept block; bits: bool [P, 64], its pixels row by row; shape: (B, n, H * W);
-    grid: (blocks per column, blocks per row); size: (H, W).
+    grid: (blocks per column, blocks per row); size: (H, W); values: float32 [P, 64], the
+    probabilities of the kept blocks' pixels, or None where they were not kept.
     """
 
     image: torch.Tensor
@@ -51,6 +59,7 @@ class BlockBits(NamedTuple):
     shape: Tuple[int, int, int]
     grid: Tuple[int, int]
     size: Tuple[int, int]
+    values: Optional[torch.Tensor] = None
 
     @staticmethod
     def cat(parts: List["BlockBits"]) -> "BlockBits":
@@ -59,12 +68,14 @@ class BlockBits(NamedTuple):
         for p in parts[:-1]:
             offsets.append(offsets[-1] + p.shape[1])
         first = parts[0]
+        with_values = all(p.values is not None for p in parts)
         return first._replace(
             image=torch.cat([p.image for p in parts]),
             row=torch.cat([p.row + o for p, o in zip(parts, offsets)]),
             block=torch.cat([p.block for p in parts]),
             bits=torch.cat([p.bits for p in parts]),
             shape=(first.shape[0], offsets[-1] + parts[-1].shape[1], first.shape[2]),
+            values=torch.cat([p.values for p in parts]) if with_values else None,
         )
 
     def select(self, order: torch.Tensor) -> "BlockBits":
@@ -83,6 +94,7 @@ class BlockBits(NamedTuple):
             block=self.block[kept],
             bits=self.bits[kept],
             shape=(b, k, pixels),
+            values=None if self.values is None else self.values[kept],
         )
 
     def dense(self) -> torch.Tensor:
@@ -189,47 +201,79 @@ class MaskBlocks:
             thresh: binarisation threshold of the probabilities.
         Returns:
             int32 [B, n] areas, float64 [B, n] sums of the probabilities above `thresh` and the
-            binary masks.
+            binary masks, with their blocks' probabilities unless they would take more than
+            `_VALUES_MAX_BYTES`.
         """
         b, n = valid.shape
         pairs = self._pairs(self.may_pass(kernels, thresh) & valid[:, :, None])
         if pairs is None:
             return None
+        keep_values = pairs.shape[0] * BLOCK * BLOCK * 4 <= _VALUES_MAX_BYTES
         # Padding counts in a slot past the results.
         areas = torch.zeros(b * n + 1, dtype=torch.int32, device=kernels.device)
         sums = torch.zeros(b * n + 1, dtype=torch.float64, device=kernels.device)
         kept, bits = [pairs.new_zeros(0)], [valid.new_zeros((0, BLOCK * BLOCK))]
+        values = [kernels.new_zeros((0, BLOCK * BLOCK))]
         for table, filled, flat, _, probs in self._products(kernels, pairs):
             above = probs > thresh  # [g, W, 64]
             counts = above.sum(dim=2, dtype=torch.int32)
-            flat = flat.masked_fill_(~filled, b * n).flatten()
-            areas.index_add_(0, flat, counts.flatten())
-            probs = F.threshold_(probs, thresh, 0.0).sum(dim=2, dtype=torch.float64)
-            sums.index_add_(0, flat, probs.flatten())
             # Blocks without a pixel above play no further part.
             some = ((counts > 0) & filled).flatten().nonzero()[:, 0]
             kept.append(table.flatten()[some])
             bits.append(above.flatten(0, 1)[some])
+            if keep_values:
+                values.append(probs.flatten(0, 1)[some])
+            flat = flat.masked_fill_(~filled, b * n).flatten()
+            areas.index_add_(0, flat, counts.flatten())
+            probs = F.threshold_(probs, thresh, 0.0).sum(dim=2, dtype=torch.float64)
+            sums.index_add_(0, flat, probs.flatten())
         image, cand, block = pairs[torch.cat(kept)].unbind(1)
         shape = (b, n, self.size[0] * self.size[1])
-        masks = BlockBits(image, cand, block, torch.cat(bits), shape, self.grid, self.size)
+        masks = BlockBits(
+            image, cand, block, torch.cat(bits), shape, self.grid, self.size,
+            torch.cat(values) if keep_values else None,
+        )
         areas, sums = areas[:-1], sums[:-1]
         return areas.view(b, n), sums.view(b, n), masks
 
-    def probs(self, kernels: torch.Tensor, near: float) -> Optional[torch.Tensor]:
-        """float32 [B, n, H * W] mask probabilities of kernels [B, n, E], exact in the blocks
-        that may hold a probability above `near` and in the blocks next to them, 0 elsewhere
-        (where the plain values are at most `near` too); None where that is more than
-        `DENSE_FRACTION` of the blocks."""
+    def probs(
+        self, kernels: torch.Tensor, near: float, known: Optional[BlockBits] = None
+    ) -> Optional[torch.Tensor]:
+        """float32 [B, n, H * W] mask probabilities of kernels [B, n, E]: exact at every pixel
+        above `near` and within `REACH` pixels of one (all that bilinear upsampling, then
+        bilinear resizing, thresholded above `near` reads), 0 or exact elsewhere (where the
+        plain values are at most `near` too); None where the blocks to compute are more than
+        `DENSE_FRACTION` of them.
+
+        `known`, the same masks' `BlockBits` with their blocks' probabilities (from `score`),
+        saves the products of its blocks: the others are computed where they may hold a pixel
+        above `near` (with the blocks around them), or where a known pixel above `near` lies
+        within `REACH` of them. Without it, the blocks that may hold one and the blocks around
+        them are computed.
+        """
         b, n, _ = kernels.shape
         hb, wb = self.grid
-        may = self.may_pass(kernels, near).view(b * n, 1, hb, wb).float()
-        ring = F.max_pool2d(may, kernel_size=3, stride=1, padding=1) > 0
-        pairs = self._pairs(ring.view(b, n, hb * wb) & self.has_inside[:, None, :])
+        may = self.may_pass(kernels, near)  # [B, n, nb]
+        if known is None or known.values is None:
+            need, known = _around(may, self.grid), None
+        else:
+            have = torch.zeros_like(may)
+            have[known.image, known.row, known.block] = True
+            # Blocks whose pixels are unknown: those that may hold one above `near`, and those
+            # around them, computed whole.
+            need = _around(may & ~have, self.grid)
+            image, row, block = _next_to_pixels_above(known, near, self.grid)
+            need[image, row, block] = True
+            need &= ~have
+        pairs = self._pairs(need & self.has_inside[:, None, :])
         if pairs is None:
             return None
         out = fresh_zeros((b, n, hb * BLOCK, wb * BLOCK), torch.float32, kernels.device)
         out_rows = out.view(-1, BLOCK)  # [B * n * H' * wb, 8]: a row of a block of a mask
+        if known is not None:
+            mask = known.image * n + known.row
+            index = mask[:, None] * (hb * BLOCK * wb) + _block_rows(known.block, wb)
+            out_rows.index_copy_(0, index.flatten(), known.values.view(-1, BLOCK))
         for _, filled, flat, rows, probs in self._products(kernels, pairs):
             # [g, W, 8]: the rows of `out` of each candidate's block.
             index = flat[:, :, None] * (hb * BLOCK * wb) + rows[:, None, :]
@@ -258,12 +302,10 @@ class MaskBlocks:
         kernels = kernels.reshape(b * n, e)
         cand = pairs[:, 0] * n + pairs[:, 1]
         key = pairs[:, 0] * num_blocks + pairs[:, 2]
-        pixels = torch.arange(BLOCK, device=kernels.device)
         for keys, table, filled in _groups_by_key(key, b * num_blocks):
             image, block = keys // num_blocks, keys % num_blocks
-            rows = (block // wb * BLOCK)[:, None] + pixels  # [g, 8] rows of the image
-            rows = rows * wb + (block % wb)[:, None]  # rows of 8 pixels in the image's map
-            index = (image * (hb * BLOCK * wb))[:, None] + rows  # ... in the batch's
+            rows = _block_rows(block, wb)
+            index = (image * (hb * BLOCK * wb))[:, None] + rows  # rows in the batch's map
             features = feature_rows.index_select(0, index.flatten()).view(-1, BLOCK * BLOCK, e)
             flat = cand[table]  # [g, W]
             # One product per block: its candidates [g, W, E] by its pixels [g, E, 64].
@@ -272,6 +314,45 @@ class MaskBlocks:
             if not self.all_inside:
                 probs.mul_(inside_rows.index_select(0, index.flatten()).view(-1, 1, BLOCK * BLOCK))
             yield table, filled, flat, rows, probs
+
+
+def _block_rows(block: torch.Tensor, blocks_per_row: int) -> torch.Tensor:
+    """int64 [N, 8]: the rows of 8 pixels of the blocks int64 [N] (indices of rows of 8 pixels
+    in an image's H' x W' map, row-major)."""
+    pixels = torch.arange(BLOCK, device=block.device)
+    rows = (block // blocks_per_row * BLOCK)[:, None] + pixels  # rows of the image
+    return rows * blocks_per_row + (block % blocks_per_row)[:, None]
+
+
+def _around(active: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """bool [B, n, nb]: the blocks of bool [B, n, nb] and their 8 neighbours in the grid."""
+    b, n, num_blocks = active.shape
+    x = active.view(b * n, 1, *grid).float()
+    return (F.max_pool2d(x, kernel_size=3, stride=1, padding=1) > 0).view(b, n, num_blocks)
+
+
+def _next_to_pixels_above(
+    known: BlockBits, thresh: float, grid: Tuple[int, int]
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (image, mask, block) int64 [Q] each of the blocks within `REACH` pixels of a pixel
+    above `thresh` of the known blocks, in the 8 directions (a block itself included where it
+    has one)."""
+    hb, wb = grid
+    above = (known.values > thresh).view(-1, BLOCK, BLOCK)
+    top, bottom = slice(0, REACH), slice(BLOCK - REACH, BLOCK)
+    # Per column: a pixel above in the top rows, in any row, in the bottom rows.
+    by_column = torch.stack(
+        [above[:, top].any(dim=1), above.any(dim=1), above[:, bottom].any(dim=1)], dim=1
+    )
+    # [P, 3, 3]: a pixel above on the side of the neighbour (dy + 1, dx + 1).
+    sides = torch.stack(
+        [by_column[..., top].any(dim=2), by_column.any(dim=2), by_column[..., bottom].any(dim=2)],
+        dim=2,
+    )
+    p, dy, dx = sides.nonzero().unbind(1)
+    y, x = known.block[p] // wb + dy - 1, known.block[p] % wb + dx - 1
+    inside = (y >= 0) & (y < hb) & (x >= 0) & (x < wb)
+    return known.image[p][inside], known.row[p][inside], (y * wb + x)[inside]
 
 
 def _block_pixels(block: torch.Tensor, blocks_per_row: int) -> Tuple[torch.Tensor, torch.Tensor]:

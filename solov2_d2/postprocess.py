@@ -108,8 +108,8 @@ class Detections(NamedTuple):
 
     scores: float32 [B, M]; labels: int64 [B, M]; valid: bool [B, M] (valid entries first);
     soft_masks: float32 [B, M, H_m, W_m] mask probabilities at the mask feature's resolution
-        (the fast path leaves 0 in blocks whose values cannot reach the threshold within
-        `NEAR_MARGIN` and are not next to one that can: pasting gives the same masks).
+        (the fast path may leave 0 at pixels that are not above the threshold minus
+        `NEAR_MARGIN` nor next to one: pasting gives the same masks).
     """
 
     scores: torch.Tensor
@@ -335,9 +335,12 @@ class SOLOv2PostProcessor:
                 x.gather(1, rank) for x in (scores, cells, labels, valid)
             )
             # The fast path computes the kept masks only near their pixels above the threshold,
-            # which is all that pasting reads.
+            # which is all that pasting reads, from the blocks that scoring kept where it can.
             near = self.mask_thresh - NEAR_MARGIN
-            soft = None if blocks is None else blocks.probs(_cell_kernels(kernels, cells), near)
+            soft = None
+            if blocks is not None:
+                known = binary.select(rank) if sparse else None
+                soft = blocks.probs(_cell_kernels(kernels, cells), near, known)
             if soft is None:
                 parts = self._chunks(cells.shape[1])
                 soft = torch.cat(

@@ -303,6 +303,10 @@ def test_block_bits_select_cat_and_intersections(one_thread):
     counts = bits.intersections()
     assert counts.dtype == torch.float32
     assert torch.equal(counts, mask_intersections_float(dense))
+    # The kept blocks' probabilities: the plain ones, pixels row by row.
+    inside = _inside((61, 77), [(61, 77), (50, 35)])
+    plain = torch.bmm(kernels, features.flatten(2)).sigmoid() * inside
+    assert torch.equal(_block_values(bits), _plain_block_values(plain, bits))
     assert (counts.diagonal(dim1=1, dim2=2) > 0).sum() > 40 and counts.triu(1).any()
     g = torch.Generator().manual_seed(9)
     order = torch.stack([torch.randperm(40, generator=g)[:25] for _ in range(2)])
@@ -310,28 +314,67 @@ def test_block_bits_select_cat_and_intersections(one_thread):
     assert chosen.shape == (2, 25, 61 * 77)
     assert torch.equal(chosen.dense(), dense[torch.arange(2)[:, None], order])
     assert torch.equal(chosen.intersections(), mask_intersections_float(chosen.dense()))
+    chosen_plain = plain[torch.arange(2)[:, None], order]
+    assert torch.equal(_block_values(chosen), _plain_block_values(chosen_plain, chosen))
 
 
+def _block_values(bits):
+    """float32 [P, 64]: the probabilities that `bits` keeps, checked to match its binary masks."""
+    assert bits.values is not None and bits.values.shape == bits.bits.shape
+    assert torch.equal(bits.values > 0.5, bits.bits)
+    return bits.values
+
+
+def _plain_block_values(probs, bits):
+    """float32 [P, 64]: the plain probabilities [B, n, H * W] of the blocks of `bits`."""
+    (h, w), (hb, wb) = bits.size, bits.grid
+    maps = F.pad(probs.view(*probs.shape[:2], h, w), (0, wb * BLOCK - w, 0, hb * BLOCK - h))
+    rows, cols = block_masks._block_pixels(bits.block, wb)
+    return maps[bits.image[:, None, None], bits.row[:, None, None], rows, cols].flatten(1)
+
+
+def test_block_values_are_dropped_beyond_their_memory_budget(monkeypatch, one_thread):
+    """Past `_VALUES_MAX_BYTES` a chunk keeps no probabilities, and masks concatenated with such
+    a chunk keep none: the kept masks' probabilities are then computed around every block that
+    may pass, with the same values where they are exact."""
+    features, kernels, valid, blocks = _blob_case(8, (61, 77), (50, 35), 40, largest=0.4)
+    with_values = blocks.score(kernels, valid, 0.5)[2]
+    monkeypatch.setattr(block_masks, "_VALUES_MAX_BYTES", 0)
+    without = blocks.score(kernels, valid, 0.5)[2]
+    assert with_values.values is not None and without.values is None
+    assert torch.equal(without.dense(), with_values.dense())
+    assert BlockBits.cat([with_values, without]).values is None
+    near = 0.5 - NEAR_MARGIN
+    assert torch.equal(blocks.probs(kernels, near, without), blocks.probs(kernels, near))
+
+
+@pytest.mark.parametrize("with_known", [False, True])
 @pytest.mark.parametrize("thresh", [0.5, 0.3])
 @pytest.mark.parametrize("size,extents", [((64, 80), [(64, 80), (58, 68)]),
                                           ((61, 77), [(61, 77), (50, 35)])])
 def test_probs_are_exact_around_the_pixels_that_may_pass(
-    size, extents, thresh, monkeypatch, one_thread
+    size, extents, thresh, with_known, monkeypatch, one_thread
 ):
-    """`MaskBlocks.probs`: the plain probabilities within 2 pixels of any above `near`, at most
-    `near` where 0; pasting them gives the plain path's masks."""
+    """`MaskBlocks.probs`, alone or with the masks' blocks kept by scoring: the plain
+    probabilities within `REACH` (2) pixels of any above `near`, at most `near` where 0;
+    pasting them gives the plain path's masks, at the input's size and resized."""
     g = torch.Generator().manual_seed(size[0] + int(10 * thresh))
     features = _blob_features(2, size, objects=12, dim=16, g=g, largest=0.3)
     kernels = _blob_kernels(2, 32, objects=12, dim=16, g=g)
     inside = _inside(size, extents)
     near = thresh - NEAR_MARGIN
     blocks = MaskBlocks(features, inside)
-    fast = blocks.probs(kernels, near)
+    known = None
+    if with_known:
+        monkeypatch.setattr(block_masks, "DENSE_FRACTION", 1.0)
+        known = blocks.score(kernels, torch.ones(2, 32, dtype=torch.bool), thresh)[2]
+        assert known.values is not None and known.bits.shape[0] > 50
+    fast = blocks.probs(kernels, near, known)
     if fast is None:
         # The blocks at the edge of a map padded to multiples of 8 loosen the bound.
         assert size[0] % BLOCK or size[1] % BLOCK
         monkeypatch.setattr(block_masks, "DENSE_FRACTION", 1.0)
-        fast = blocks.probs(kernels, near)
+        fast = blocks.probs(kernels, near, known)
     assert fast.shape == (2, 32, size[0] * size[1])
     plain = torch.bmm(kernels, features.flatten(2)).sigmoid() * inside
     assert ((fast == plain) | ((fast == 0) & (plain <= near))).all()
@@ -369,6 +412,43 @@ def test_products_in_small_groups(rows, monkeypatch, one_thread):
     assert torch.equal(blocks.probs(kernels, 0.5 - NEAR_MARGIN), probs)
     expected = _plain(features, kernels, _inside((64, 80), [(64, 80), (58, 68)]), 0.5)
     _assert_valid_equal(grouped, expected, valid)
+
+
+def test_probs_with_known_blocks_compute_only_the_pixels_around_them(monkeypatch, one_thread):
+    """With the blocks kept by scoring, the kept masks' probabilities take products only for
+    blocks that scoring did not keep: its values are the ones written (a marker put in them
+    comes out), and far fewer blocks are computed than without them."""
+    features, kernels, valid, blocks = _blob_case(12, (64, 80), (58, 68), 48, largest=0.3)
+    known = blocks.score(kernels, valid, 0.5)[2]
+    computed = []
+    real = MaskBlocks._products
+
+    def products(self, kernels, pairs):
+        computed.append(pairs)
+        return real(self, kernels, pairs)
+
+    monkeypatch.setattr(MaskBlocks, "_products", products)
+    near = 0.5 - NEAR_MARGIN
+    alone = blocks.probs(kernels, near)
+    ours = blocks.probs(kernels, near, known)
+    assert ((ours == alone) | (ours == 0)).all() and ours.count_nonzero() > 1000
+    alone_pairs, known_pairs = computed
+    key = lambda p: (p[:, 0] * 48 + p[:, 1]) * 80 + p[:, 2]  # noqa: E731
+    kept = key(torch.stack([known.image, known.row, known.block], dim=1))
+    assert not torch.isin(key(known_pairs), kept).any()
+    assert known_pairs.shape[0] < alone_pairs.shape[0] // 2
+    # Known values marked (each changed, the same pixels above `near`) come out in their
+    # blocks, and only there.
+    v = known.values
+    marker = torch.where(v > near, v + 1, -1 - v)
+    marked = blocks.probs(kernels, near, known._replace(values=marker))
+    (hb, wb), n = blocks.grid, kernels.shape[1]
+    rows, cols = block_masks._block_pixels(known.block, wb)
+    where = (known.image[:, None, None], known.row[:, None, None], rows, cols)
+    found, exact = marked.view(2, n, 64, 80)[where], alone.view(2, n, 64, 80)[where]
+    assert torch.equal(found, torch.where(exact > near, exact + 1, -1 - exact))
+    changed = (marked != ours).view(2, n, hb, BLOCK, wb, BLOCK).any(5).any(3).flatten(2)
+    assert changed.sum() == known.bits.shape[0]
 
 
 def test_probs_give_up_on_large_noisy_masks():
