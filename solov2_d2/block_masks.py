@@ -87,14 +87,16 @@ class BlockBits(NamedTuple):
             k, device=order.device
         )
         row = new_row[self.image, self.row]
-        kept = row >= 0
+        kept = (row >= 0).nonzero()[:, 0]
+        # Rows by index_select: much faster than advanced indexing for the blocks' pixels.
+        take = lambda x: x.index_select(0, kept)  # noqa: E731
         return self._replace(
-            image=self.image[kept],
-            row=row[kept],
-            block=self.block[kept],
-            bits=self.bits[kept],
+            image=take(self.image),
+            row=take(row),
+            block=take(self.block),
+            bits=take(self.bits),
             shape=(b, k, pixels),
-            values=None if self.values is None else self.values[kept],
+            values=None if self.values is None else take(self.values),
         )
 
     def dense(self) -> torch.Tensor:
@@ -120,7 +122,8 @@ class BlockBits(NamedTuple):
         key = self.image * num_blocks + self.block
         for keys, table, filled in _groups_by_key(key, b * num_blocks):
             table = table.masked_fill_(~filled, self.bits.shape[0])
-            x, masks = bits[table], row[table]  # [g, W, 64], [g, W]
+            x = bits.index_select(0, table.flatten()).view(*table.shape, -1)  # [g, W, 64]
+            masks = row[table]  # [g, W]
             rows = masks + (keys // num_blocks * (n + 1))[:, None]  # rows of the batch's counts
             index = rows[:, :, None] * (n + 1) + masks[:, None, :]  # [g, W, W]
             counts.index_add_(0, index.flatten(), torch.bmm(x, x.mT).flatten())
@@ -220,9 +223,9 @@ class MaskBlocks:
             # Blocks without a pixel above play no further part.
             some = ((counts > 0) & filled).flatten().nonzero()[:, 0]
             kept.append(table.flatten()[some])
-            bits.append(above.flatten(0, 1)[some])
+            bits.append(above.flatten(0, 1).index_select(0, some))
             if keep_values:
-                values.append(probs.flatten(0, 1)[some])
+                values.append(probs.flatten(0, 1).index_select(0, some))
             flat = flat.masked_fill_(~filled, b * n).flatten()
             areas.index_add_(0, flat, counts.flatten())
             probs = F.threshold_(probs, thresh, 0.0).sum(dim=2, dtype=torch.float64)

@@ -71,10 +71,18 @@ def _assert_equal_to_plain(soft, stride, image_size, thresh=0.5, max_bytes=1 << 
     return masks, boxes
 
 
+@pytest.fixture(params=["int32", "int64"])
+def positions(request, monkeypatch):
+    """Output positions in int32 (outputs up to 2^31 pixels) or, as for larger ones, int64."""
+    if request.param == "int64":
+        monkeypatch.setattr(cropped_paste, "_INT32_POSITIONS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("thresh", [0.5, 0.3])
 @pytest.mark.parametrize("stride", [4, 8])
 @pytest.mark.parametrize("cut", [(0, 0), (3, 5)])
-def test_blobs_of_many_sizes_and_at_every_edge(stride, cut, thresh):
+def test_blobs_of_many_sizes_and_at_every_edge(stride, cut, thresh, positions):
     """`cut`: the image is that many output pixels smaller than the upsampled map."""
     size = (30, 38)
     g = torch.Generator().manual_seed(stride + cut[0] + int(10 * thresh))
@@ -122,9 +130,10 @@ def test_no_mask():
 
 
 @pytest.mark.parametrize("stride,image", [(4, (49, 65)), (8, (97, 130)), (4, (52, 61))])
-def test_a_padded_map_cropped_to_the_image(stride, image):
+def test_a_padded_map_cropped_to_the_image(stride, image, positions):
     """The map 13 x 17 upsampled is larger than the image: masks past its right and bottom edges
-    are cut. The masks are a view of a batch's larger map, as in the post-processor."""
+    (or its right edge only) are cut. The masks are a view of a batch's larger map, as in the
+    post-processor."""
     size = (13, 17)
     g = torch.Generator().manual_seed(stride + image[0])
     masks = torch.cat([_random_blobs(20, size, g, largest=3), _edge_blobs(size)])
