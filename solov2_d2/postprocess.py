@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
-from .block_masks import DENSE_FRACTION, MIN_PRODUCT_ROWS, BlockBits, MaskBlocks
+from .block_groups import MIN_PRODUCT_ROWS
+from .block_masks import DENSE_FRACTION, BlockBits, MaskBlocks
 from .cropped_paste import NEAR_MARGIN, paste_cropped
 from .heads import dynamic_mask_logits, flatten_levels
 from .mask_boxes import masks_to_boxes

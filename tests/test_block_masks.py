@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from devices import needs_cuda
 
-from solov2_d2 import block_masks, cropped_paste
+from solov2_d2 import block_groups, block_masks, cropped_paste
 from solov2_d2 import postprocess as pp
 from solov2_d2.block_masks import BLOCK, DENSE_FRACTION, BlockBits, MaskBlocks
 from solov2_d2.cropped_paste import NEAR_MARGIN, paste_cropped
@@ -404,7 +404,7 @@ def test_products_in_small_groups(rows, monkeypatch, one_thread):
     features, kernels, valid, blocks = _blob_case(12, (64, 80), (58, 68), 48, largest=0.3)
     whole = blocks.score(kernels, valid, 0.5)
     probs = blocks.probs(kernels, 0.5 - NEAR_MARGIN)
-    monkeypatch.setattr(block_masks, "_GROUP_ROWS", rows)
+    monkeypatch.setattr(block_groups, "_GROUP_ROWS", rows)
     grouped = blocks.score(kernels, valid, 0.5)
     assert torch.equal(grouped[0], whole[0]) and torch.equal(grouped[1], whole[1])
     assert torch.equal(grouped[2].dense(), whole[2].dense())
@@ -636,29 +636,3 @@ def test_post_processor_fast_path_on_cuda(monkeypatch):
     found = _fast_and_plain(*on_cuda, sizes, sizes)
     assert all(r.pred_masks.is_cuda and len(r) > 20 for r in found)
     assert any(calls["score"]) and any(calls["paste"])
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_groups_by_key_against_a_loop_over_keys(seed, monkeypatch):
-    """Every item once, in the row of its key, items in increasing order; a group's keys share
-    the width (the next power of two of their item count, at least `MIN_PRODUCT_ROWS`) and fill
-    at most `_GROUP_ROWS` rows."""
-    monkeypatch.setattr(block_masks, "_GROUP_ROWS", 256)
-    g = torch.Generator().manual_seed(seed)
-    num_keys = 300
-    # Skewed counts: from 0 to a few hundred items per key.
-    weights = torch.rand(num_keys, generator=g) ** 6
-    key = torch.multinomial(weights, 20000, replacement=True, generator=g)
-    seen = []
-    for keys, table, filled in block_masks._groups_by_key(key, num_keys):
-        width = table.shape[1]
-        assert keys.tolist() == sorted(keys.tolist())
-        assert keys.shape[0] * width <= 256 or keys.shape[0] == 1
-        for k, row, fill in zip(keys.tolist(), table, filled):
-            items = (key == k).nonzero()[:, 0]
-            assert width == max(block_masks.MIN_PRODUCT_ROWS, 1 << (len(items) - 1).bit_length())
-            assert fill.tolist() == [True] * len(items) + [False] * (width - len(items))
-            assert torch.equal(row[: len(items)], items) and not row[len(items) :].any()
-            seen.append(k)
-    assert sorted(seen) == key.unique().tolist()
-    assert list(block_masks._groups_by_key(key[:0], num_keys)) == []
