@@ -5,12 +5,13 @@ Steps 3-6 of post-processing need, per candidate, its binary mask (probability >
 area, the sum of its probabilities inside it and its intersections with other masks; pixels
 below the threshold count in none of them. `MaskBlocks` cuts an image's mask features into blocks
 of 8 x 8 pixels and bounds every candidate's logit over each block by the interval bound: each
-channel at its most favourable value in the block. Only the (candidate, block) pairs whose bound
-reaches the threshold are computed, by matrix products grouped by block, and the binary masks
-stay in that form (`BlockBits`, with the blocks' probabilities) through Matrix NMS. The kept
-masks' probabilities for pasting then need products only where a pixel next to one near the
-threshold lies outside those blocks. Where many pairs may pass (large masks), the methods return
-None and the caller computes every pixel.
+channel at its most favourable value in the block (`BlockBounds`, which rules out most pairs on
+super-blocks first). Only the (candidate, block) pairs whose bound reaches the threshold are
+computed, by matrix products grouped by block, and the binary masks stay in that form
+(`BlockBits`, with the blocks' probabilities) through Matrix NMS. The kept masks' probabilities
+for pasting then need products only where a pixel within `REACH` of one near the threshold lies
+outside those blocks. Where many pairs may pass (large masks), the methods return None and the
+caller computes every pixel.
 
 The results are the plain path's: the logits are the same float32 dot products (each product has
 at least 16 candidates, laid out as the plain path's), areas and intersections are integer
@@ -22,6 +23,7 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .block_bounds import BlockBounds
 from .block_groups import groups_by_key
 from .fresh_zeros import fresh_zeros
 
@@ -164,21 +166,16 @@ class MaskBlocks:
         self.low = by_block.amin(dim=2).amin(dim=3).flatten(1, 2)
         in_block = self.inside.unflatten(2, (-1, BLOCK)).unflatten(1, (-1, BLOCK))
         self.has_inside = in_block.amax(dim=2).amax(dim=3).flatten(1) > 0  # [B, nb]
-        # Scale of the products, for the rounding margin.
-        self.largest = torch.maximum(self.high.abs(), self.low.abs()).norm(dim=2)  # [B, nb]
+        self.bounds = BlockBounds(self.high, self.low, self.grid)
 
     def may_pass(self, kernels: torch.Tensor, thresh: float) -> torch.Tensor:
         """bool [B, n, nb]: whether a pixel of each block may have a probability above `thresh`
         for the kernels float32 [B, n, E]; never False where one does (the interval bound, with
-        a margin for the rounding of the bound and of the logits)."""
+        a margin for the rounding of the bound and of the logits: `BlockBounds`)."""
         if thresh <= 0:
             return self.has_inside[:, None, :].expand(-1, kernels.shape[1], -1)
         logit = math.log(thresh / (1 - thresh))
-        high, low = self.high.transpose(1, 2), self.low.transpose(1, 2)
-        bound = kernels.clamp(min=0) @ high + kernels.clamp(max=0) @ low  # [B, n, nb]
-        # Both sum E products: rounding stays far below 1e-4 |k| |f| for E up to 1000.
-        margin = 1e-3 + 1e-4 * kernels.norm(dim=2, keepdim=True) * self.largest[:, None, :]
-        return (bound + margin > logit) & self.has_inside[:, None, :]
+        return self.bounds.may_reach(kernels, logit) & self.has_inside[:, None, :]
 
     def pass_fraction(self, kernels: torch.Tensor, valid: torch.Tensor, thresh: float) -> float:
         """The fraction of the (valid candidate, block inside) pairs that may pass, for kernels
