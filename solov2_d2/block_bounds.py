@@ -40,7 +40,7 @@ class BlockBounds:
         largest: float32 [B, nb], the norm of each block's largest channel magnitudes.
         super_ranges, super_largest: the same for the super-blocks, [B, 2E, ns] and [B, ns].
         super_blocks: int64 [ns, SUPER^2], the blocks of each super-block (nb past the grid).
-        inner_ranges, inner_largest: float32 [B * ns, 2E, SUPER^2] and [B * ns, SUPER^2], the
+        inner_ranges, inner_largest: float32 [B * ns, SUPER^2, 2E] and [B * ns, SUPER^2], the
             ranges of each super-block's blocks (0 past the grid).
     """
 
@@ -50,24 +50,31 @@ class BlockBounds:
             high, low: float32 [B, nb, E], each channel's largest and smallest value in each
                 block of a grid of (blocks per column, blocks per row) = `grid`.
         """
-        b, nb, _ = high.shape
+        b, nb, e = high.shape
         hb, wb = grid
-        self.ranges = torch.cat([high, low], dim=2).transpose(1, 2)  # [B, 2E, nb]
+        sh, sw = math.ceil(hb / SUPER), math.ceil(wb / SUPER)
+        ranges = torch.cat([high, low], dim=2)  # [B, nb, 2E]
+        self.ranges = ranges.transpose(1, 2)
         self.largest = torch.maximum(high.abs(), low.abs()).norm(dim=2)
         # Partial super-blocks at the grid's edges hold the blocks that are there.
-        on_grid = lambda x: x.transpose(1, 2).unflatten(2, (hb, wb))  # noqa: E731
+        on_grid = lambda x: x.transpose(1, 2).unflatten(2, grid)  # noqa: E731
         pool = lambda x: F.max_pool2d(x, SUPER, ceil_mode=True).flatten(2)  # noqa: E731
         super_high, super_low = pool(on_grid(high)), -pool(-on_grid(low))  # [B, E, ns]
         self.super_ranges = torch.cat([super_high, super_low], dim=1)
         self.super_largest = torch.maximum(super_high.abs(), super_low.abs()).norm(dim=1)
-        rows = torch.arange(math.ceil(hb / SUPER) * SUPER, device=high.device).view(-1, SUPER)
-        cols = torch.arange(math.ceil(wb / SUPER) * SUPER, device=high.device).view(-1, SUPER)
+        rows = torch.arange(sh * SUPER, device=high.device).view(sh, SUPER)
+        cols = torch.arange(sw * SUPER, device=high.device).view(sw, SUPER)
         blocks = rows[:, None, :, None] * wb + cols[None, :, None, :]  # [sh, sw, SUPER, SUPER]
         past = (rows >= hb)[:, None, :, None] | (cols >= wb)[None, :, None, :]
-        self.super_blocks = blocks.masked_fill(past, nb).flatten(2).flatten(0, 1)
-        ranges = F.pad(self.ranges, (0, 1))[:, :, self.super_blocks]  # [B, 2E, ns, SUPER^2]
-        self.inner_ranges = ranges.transpose(1, 2).flatten(0, 1).contiguous()
-        self.inner_largest = F.pad(self.largest, (0, 1))[:, self.super_blocks].flatten(0, 1)
+        self.super_blocks = blocks.masked_fill(past, nb).view(sh * sw, SUPER * SUPER)
+        # The grid padded to whole super-blocks, each super-block's blocks together.
+        pad = (0, sw * SUPER - wb, 0, sh * SUPER - hb)
+        ranges = F.pad(ranges.unflatten(1, grid), (0, 0) + pad)  # [B, sh * S, sw * S, 2E]
+        ranges = ranges.unflatten(2, (sw, SUPER)).unflatten(1, (sh, SUPER))
+        self.inner_ranges = ranges.transpose(2, 3).reshape(-1, SUPER * SUPER, 2 * e)
+        largest = F.pad(self.largest.unflatten(1, grid), pad)  # [B, sh * S, sw * S]
+        largest = largest.unflatten(2, (sw, SUPER)).unflatten(1, (sh, SUPER))
+        self.inner_largest = largest.transpose(2, 3).reshape(-1, SUPER * SUPER)
 
     def every_block(self, kernels: torch.Tensor, logit: float) -> torch.Tensor:
         """bool [B, n, nb]: whether each block's bound for kernels float32 [B, n, E] may reach
@@ -95,7 +102,7 @@ class BlockBounds:
         for keys, table, filled in groups_by_key(pairs[:, 0] * ns + pairs[:, 2], b * ns):
             rows = candidate[table]  # [g, W]
             chunk = signed.index_select(0, rows.flatten()).view(*rows.shape, -1)
-            bound = torch.bmm(chunk, self.inner_ranges[keys])  # [g, W, SUPER^2]
+            bound = torch.bmm(chunk, self.inner_ranges.index_select(0, keys).mT)  # [g, W, S^2]
             scale = norms[rows][:, :, None] * self.inner_largest[keys][:, None, :]
             blocks = self.super_blocks[keys % ns]  # [g, SUPER^2]
             reach = _may_reach(bound, scale, logit) & filled[:, :, None] & (blocks < nb)[:, None]

@@ -27,7 +27,7 @@ from .block_bounds import BlockBounds
 from .block_groups import groups_by_key
 from .fresh_zeros import fresh_zeros
 
-__all__ = ["BLOCK", "REACH", "BlockBits", "MaskBlocks"]
+__all__ = ["BLOCK", "REACH", "BlockBits", "KeptProbs", "MaskBlocks"]
 
 BLOCK = 8
 # Above this fraction of (candidate, block) pairs that may pass, computing every pixel is cheaper.
@@ -125,6 +125,16 @@ class BlockBits(NamedTuple):
             index = rows[:, :, None] * (n + 1) + masks[:, None, :]  # [g, W, W]
             counts.index_add_(0, index.flatten(), torch.bmm(x, x.mT).flatten())
         return counts.view(b, n + 1, n + 1)[:, :n, :n]
+
+
+class KeptProbs(NamedTuple):
+    """The kept masks' probabilities from `MaskBlocks.probs`: probs, float32 [B, n, H * W];
+    rows, cols: bool [B, n, H] and [B, n, W], the rows and columns of each mask that hold a
+    probability above the `near` threshold."""
+
+    probs: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
 
 
 class MaskBlocks:
@@ -233,12 +243,12 @@ class MaskBlocks:
 
     def probs(
         self, kernels: torch.Tensor, near: float, known: Optional[BlockBits] = None
-    ) -> Optional[torch.Tensor]:
-        """float32 [B, n, H * W] mask probabilities of kernels [B, n, E]: exact at every pixel
-        above `near` and within `REACH` pixels of one (all that bilinear upsampling, then
-        bilinear resizing, thresholded above `near` reads), 0 or exact elsewhere (where the
-        plain values are at most `near` too); None where the blocks to compute are more than
-        `DENSE_FRACTION` of them.
+    ) -> Optional["KeptProbs"]:
+        """Mask probabilities of kernels [B, n, E]: exact at every pixel above `near` and within
+        `REACH` pixels of one (all that bilinear upsampling, then bilinear resizing, thresholded
+        above `near` reads), 0 or exact elsewhere (where the plain values are at most `near`
+        too), with the rows and columns of each mask that hold a pixel above `near`; None where
+        the blocks to compute are more than `DENSE_FRACTION` of them.
 
         `known`, the same masks' `BlockBits` with their blocks' probabilities (from `score`),
         saves the products of its blocks: the others are computed where they may hold a pixel
@@ -265,16 +275,31 @@ class MaskBlocks:
             return None
         out = fresh_zeros((b, n, hb * BLOCK, wb * BLOCK), torch.float32, kernels.device)
         out_rows = out.view(-1, BLOCK)  # [B * n * H' * wb, 8]: a row of a block of a mask
+        # Per row and column of each mask, its blocks with a pixel above `near` there.
+        row_hits = torch.zeros(b * n * hb * BLOCK, dtype=torch.int32, device=kernels.device)
+        col_hits = torch.zeros(b * n * wb * BLOCK, dtype=torch.int32, device=kernels.device)
+
+        def write(mask: torch.Tensor, block: torch.Tensor, values: torch.Tensor):
+            """Blocks int64 [N] of masks int64 [N] (image * n + mask) hold values [N, 64]."""
+            index = mask[:, None] * (hb * BLOCK * wb) + _block_rows(block, wb)
+            out_rows.index_copy_(0, index.flatten(), values.view(-1, BLOCK))
+            above = (values > near).view(-1, BLOCK, BLOCK)
+            rows, cols = _block_pixels(block, wb)
+            rows = mask[:, None] * (hb * BLOCK) + rows[:, :, 0]
+            cols = mask[:, None] * (wb * BLOCK) + cols[:, 0, :]
+            row_hits.index_add_(0, rows.flatten(), above.any(dim=2).flatten().int())
+            col_hits.index_add_(0, cols.flatten(), above.any(dim=1).flatten().int())
+
         if known is not None:
-            mask = known.image * n + known.row
-            index = mask[:, None] * (hb * BLOCK * wb) + _block_rows(known.block, wb)
-            out_rows.index_copy_(0, index.flatten(), known.values.view(-1, BLOCK))
-        for _, filled, flat, rows, probs in self._products(kernels, pairs):
-            # [g, W, 8]: the rows of `out` of each candidate's block.
-            index = flat[:, :, None] * (hb * BLOCK * wb) + rows[:, None, :]
-            out_rows.index_copy_(0, index[filled].flatten(), probs[filled].view(-1, BLOCK))
+            write(known.image * n + known.row, known.block, known.values)
+        for _, filled, flat, block, probs in self._products(kernels, pairs):
+            write(flat[filled], block[:, None].expand_as(flat)[filled], probs[filled])
         h, w = self.size
-        return out[:, :, :h, :w].reshape(b, n, h * w)
+        return KeptProbs(
+            probs=out[:, :, :h, :w].reshape(b, n, h * w),
+            rows=(row_hits > 0).view(b, n, hb * BLOCK)[:, :, :h],
+            cols=(col_hits > 0).view(b, n, wb * BLOCK)[:, :, :w],
+        )
 
     def _pairs(self, active: torch.Tensor) -> Optional[torch.Tensor]:
         """int64 [P, 3] (image, candidate, block) of bool [B, n, nb], or None where more than
@@ -285,8 +310,7 @@ class MaskBlocks:
     def _products(self, kernels: torch.Tensor, pairs: torch.Tensor) -> Iterator[tuple]:
         """Probabilities of the (image, candidate, block) `pairs` [P, 3], a bucket of blocks at a
         time. Yields table [g, W] (pair indices), filled [g, W] (bool, False for padding), the
-        candidates [g, W] (image * n + candidate), the rows of the blocks' pixels [g, 8] (indices
-        of rows of 8 pixels in an image's H' x W' map, row-major) and float32 [g, W, 64]
+        candidates [g, W] (image * n + candidate), the blocks [g] and float32 [g, W, 64]
         probabilities (0 outside the extent)."""
         b, n, e = kernels.shape
         hb, wb = self.grid
@@ -308,7 +332,7 @@ class MaskBlocks:
             probs = torch.bmm(chunk, features.mT).sigmoid_()
             if not self.all_inside:
                 probs.mul_(inside_rows.index_select(0, index.flatten()).view(-1, 1, BLOCK * BLOCK))
-            yield table, filled, flat, rows, probs
+            yield table, filled, flat, block, probs
 
 
 def _block_rows(block: torch.Tensor, blocks_per_row: int) -> torch.Tensor:

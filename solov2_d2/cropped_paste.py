@@ -27,7 +27,12 @@ _INT32_POSITIONS = torch.iinfo(torch.int32).max
 
 
 def paste_cropped(
-    soft: torch.Tensor, thresh: float, stride: int, image_size: Tuple[int, int], max_bytes: int
+    soft: torch.Tensor,
+    thresh: float,
+    stride: int,
+    image_size: Tuple[int, int],
+    max_bytes: int,
+    near_lines: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """Threshold the bilinear upsampling (align_corners False) by `stride` of mask probabilities
     float32 [N, h_m, w_m], cropped to `image_size` (h, w): bool [N, h, w] masks and their float32
@@ -35,14 +40,18 @@ def paste_cropped(
     not a power of two.
 
     Masks are processed in chunks of similar crop sizes, each within `max_bytes` of float, index
-    and bool intermediates.
+    and bool intermediates. `near_lines`, bool [N, h_m] and [N, w_m], the rows and columns with
+    a probability above `thresh - NEAR_MARGIN` where the caller knows them, saves reading every
+    probability to find them.
     """
     num, h_m, w_m = soft.shape
     if stride & (stride - 1):
         return None  # 1 / stride must be exact in float for the crop's weights to be the same
-    # amax of the bytes: faster than any() of bools on the CPU.
-    near = (soft > thresh - NEAR_MARGIN).view(torch.uint8)
-    rows, cols = near.amax(dim=2) > 0, near.amax(dim=1) > 0  # [N, h_m], [N, w_m]
+    if near_lines is None:
+        # amax of the bytes: faster than any() of bools on the CPU.
+        near = (soft > thresh - NEAR_MARGIN).view(torch.uint8)
+        near_lines = near.amax(dim=2) > 0, near.amax(dim=1) > 0
+    rows, cols = near_lines  # [N, h_m], [N, w_m]
     y0, y1 = first_last(rows)
     x0, x1 = first_last(cols)
     # An empty mask gets a crop of one pixel.

@@ -110,13 +110,17 @@ class Detections(NamedTuple):
     scores: float32 [B, M]; labels: int64 [B, M]; valid: bool [B, M] (valid entries first);
     soft_masks: float32 [B, M, H_m, W_m] mask probabilities at the mask feature's resolution
         (the fast path may leave 0 at pixels that are not above the threshold minus
-        `NEAR_MARGIN` nor next to one: pasting gives the same masks).
+        `NEAR_MARGIN` nor next to one: pasting gives the same masks);
+    near_lines: bool [B, M, H_m] and [B, M, W_m], the rows and columns of each mask with a
+        probability above the threshold minus `NEAR_MARGIN`, where the fast path knows them
+        (else None).
     """
 
     scores: torch.Tensor
     labels: torch.Tensor
     valid: torch.Tensor
     soft_masks: torch.Tensor
+    near_lines: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class _Ranked(NamedTuple):
@@ -263,7 +267,10 @@ class SOLOv2PostProcessor:
         for i, n in enumerate(counts):
             h_m, w_m = mask_extents[i]
             soft = found.soft_masks[i, :n, :h_m, :w_m]
-            masks, boxes = self.paste(soft, image_sizes[i], output_sizes[i])
+            lines = None
+            if found.near_lines is not None:
+                lines = (found.near_lines[0][i, :n, :h_m], found.near_lines[1][i, :n, :w_m])
+            masks, boxes = self.paste(soft, image_sizes[i], output_sizes[i], lines)
             results.append(
                 detections_to_instances(masks, found.scores[i, :n], found.labels[i, :n], boxes)
             )
@@ -338,21 +345,24 @@ class SOLOv2PostProcessor:
             # The fast path computes the kept masks only near their pixels above the threshold,
             # which is all that pasting reads, from the blocks that scoring kept where it can.
             near = self.mask_thresh - NEAR_MARGIN
-            soft = None
+            kept = None
             if blocks is not None:
                 known = binary.select(rank) if sparse else None
-                soft = blocks.probs(_cell_kernels(kernels, cells), near, known)
-            if soft is None:
+                kept = blocks.probs(_cell_kernels(kernels, cells), near, known)
+            if kept is None:
                 parts = self._chunks(cells.shape[1])
                 soft = torch.cat(
                     [self._mask_probs(mask_features, kernels, cells[:, p], inside) for p in parts],
                     dim=1,
                 )
+            else:
+                soft = kept.probs
             return Detections(
                 scores=scores.masked_fill(~valid, 0),
                 labels=labels.masked_fill(~valid, -1),
                 valid=valid,
                 soft_masks=soft.view(*cells.shape, *mask_features.shape[-2:]),
+                near_lines=None if kept is None else (kept.rows, kept.cols),
             )
 
     def _candidates(self, scores: torch.Tensor):
@@ -477,7 +487,11 @@ class SOLOv2PostProcessor:
         return _Ranked(*kept, _select_masks(merged.binary, order))
 
     def paste(
-        self, soft: torch.Tensor, image_size: Tuple[int, int], output_size: Tuple[int, int]
+        self,
+        soft: torch.Tensor,
+        image_size: Tuple[int, int],
+        output_size: Tuple[int, int],
+        near_lines: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Step 7 for one image: mask probabilities [N, h_m, w_m] (the image's extent) -> bool
         [N, height, width] masks of the requested output and their float32 [N, 4] XYXY boxes.
@@ -485,14 +499,16 @@ class SOLOv2PostProcessor:
         Masks are processed a few at a time, so that the float intermediates stay within
         `_PASTE_CHUNK_BYTES` whatever the output size. Where the output has the input's size, the
         fast path (:func:`paste_cropped`) upsamples each mask only around its pixels near the
-        threshold, with the same results.
+        threshold, with the same results; `near_lines` (`Detections.near_lines` of the image)
+        saves it finding them.
         """
         work = soft.shape[0] * output_size[0] * output_size[1]
         if tuple(output_size) == tuple(image_size) and self._fast(
             soft.device, work, _CROP_LEAST_WORK
         ):
             found = paste_cropped(
-                soft, self.mask_thresh, self.mask_stride, image_size, _PASTE_CHUNK_BYTES
+                soft, self.mask_thresh, self.mask_stride, image_size, _PASTE_CHUNK_BYTES,
+                near_lines,
             )
             if found is not None:
                 return found

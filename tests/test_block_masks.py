@@ -345,7 +345,8 @@ def test_block_values_are_dropped_beyond_their_memory_budget(monkeypatch, one_th
     assert torch.equal(without.dense(), with_values.dense())
     assert BlockBits.cat([with_values, without]).values is None
     near = 0.5 - NEAR_MARGIN
-    assert torch.equal(blocks.probs(kernels, near, without), blocks.probs(kernels, near))
+    for ours, alone in zip(blocks.probs(kernels, near, without), blocks.probs(kernels, near)):
+        assert torch.equal(ours, alone)
 
 
 @pytest.mark.parametrize("with_known", [False, True])
@@ -356,8 +357,9 @@ def test_probs_are_exact_around_the_pixels_that_may_pass(
     size, extents, thresh, with_known, monkeypatch, one_thread
 ):
     """`MaskBlocks.probs`, alone or with the masks' blocks kept by scoring: the plain
-    probabilities within `REACH` (2) pixels of any above `near`, at most `near` where 0;
-    pasting them gives the plain path's masks, at the input's size and resized."""
+    probabilities within `REACH` (2) pixels of any above `near`, at most `near` where 0, and
+    the rows and columns that hold one; pasting them gives the plain path's masks, at the
+    input's size (with and without those rows and columns) and resized."""
     g = torch.Generator().manual_seed(size[0] + int(10 * thresh))
     features = _blob_features(2, size, objects=12, dim=16, g=g, largest=0.3)
     kernels = _blob_kernels(2, 32, objects=12, dim=16, g=g)
@@ -369,14 +371,17 @@ def test_probs_are_exact_around_the_pixels_that_may_pass(
         monkeypatch.setattr(block_masks, "DENSE_FRACTION", 1.0)
         known = blocks.score(kernels, torch.ones(2, 32, dtype=torch.bool), thresh)[2]
         assert known.values is not None and known.bits.shape[0] > 50
-    fast = blocks.probs(kernels, near, known)
-    if fast is None:
+    kept = blocks.probs(kernels, near, known)
+    if kept is None:
         # The blocks at the edge of a map padded to multiples of 8 loosen the bound.
         assert size[0] % BLOCK or size[1] % BLOCK
         monkeypatch.setattr(block_masks, "DENSE_FRACTION", 1.0)
-        fast = blocks.probs(kernels, near, known)
+        kept = blocks.probs(kernels, near, known)
+    fast = kept.probs
     assert fast.shape == (2, 32, size[0] * size[1])
     plain = torch.bmm(kernels, features.flatten(2)).sigmoid() * inside
+    above = (plain > near).view(2, 32, *size)
+    assert torch.equal(kept.rows, above.any(dim=3)) and torch.equal(kept.cols, above.any(dim=2))
     assert ((fast == plain) | ((fast == 0) & (plain <= near))).all()
     around = F.max_pool2d((plain > near).float().view(-1, 1, *size), 5, stride=1, padding=2)
     around = around.view_as(plain) > 0
@@ -389,8 +394,11 @@ def test_probs_are_exact_around_the_pixels_that_may_pass(
         image = (4 * h - 3, 4 * w - 1)
         expected = proc.paste(soft[1], image, image)
         found = paste_cropped(soft[0], thresh, 4, image, 1 << 24)
+        lines = (kept.rows[i, :, :h], kept.cols[i, :, :w])
+        given = paste_cropped(soft[0], thresh, 4, image, 1 << 24, lines)
         assert found is not None and expected[0].any()
         assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
+        assert torch.equal(given[0], expected[0]) and torch.equal(given[1], expected[1])
         for output in [(4 * h - 3, 4 * w - 1), (301, 197)]:
             ours = proc.paste(soft[0], image, output)
             theirs = proc.paste(soft[1], image, output)
@@ -404,12 +412,17 @@ def test_products_in_small_groups(rows, monkeypatch, one_thread):
     features, kernels, valid, blocks = _blob_case(12, (64, 80), (58, 68), 48, largest=0.3)
     whole = blocks.score(kernels, valid, 0.5)
     probs = blocks.probs(kernels, 0.5 - NEAR_MARGIN)
+    known = whole[2]
+    with_known = blocks.probs(kernels, 0.5 - NEAR_MARGIN, known)
     monkeypatch.setattr(block_groups, "_GROUP_ROWS", rows)
     grouped = blocks.score(kernels, valid, 0.5)
     assert torch.equal(grouped[0], whole[0]) and torch.equal(grouped[1], whole[1])
     assert torch.equal(grouped[2].dense(), whole[2].dense())
     assert torch.equal(grouped[2].intersections(), whole[2].intersections())
-    assert torch.equal(blocks.probs(kernels, 0.5 - NEAR_MARGIN), probs)
+    for ours, theirs in zip(blocks.probs(kernels, 0.5 - NEAR_MARGIN), probs):
+        assert torch.equal(ours, theirs)
+    for ours, theirs in zip(blocks.probs(kernels, 0.5 - NEAR_MARGIN, known), with_known):
+        assert torch.equal(ours, theirs)
     expected = _plain(features, kernels, _inside((64, 80), [(64, 80), (58, 68)]), 0.5)
     _assert_valid_equal(grouped, expected, valid)
 
@@ -429,8 +442,8 @@ def test_probs_with_known_blocks_compute_only_the_pixels_around_them(monkeypatch
 
     monkeypatch.setattr(MaskBlocks, "_products", products)
     near = 0.5 - NEAR_MARGIN
-    alone = blocks.probs(kernels, near)
-    ours = blocks.probs(kernels, near, known)
+    alone = blocks.probs(kernels, near).probs
+    ours = blocks.probs(kernels, near, known).probs
     assert ((ours == alone) | (ours == 0)).all() and ours.count_nonzero() > 1000
     alone_pairs, known_pairs = computed
     key = lambda p: (p[:, 0] * 48 + p[:, 1]) * 80 + p[:, 2]  # noqa: E731
@@ -441,7 +454,7 @@ def test_probs_with_known_blocks_compute_only_the_pixels_around_them(monkeypatch
     # blocks, and only there.
     v = known.values
     marker = torch.where(v > near, v + 1, -1 - v)
-    marked = blocks.probs(kernels, near, known._replace(values=marker))
+    marked = blocks.probs(kernels, near, known._replace(values=marker)).probs
     (hb, wb), n = blocks.grid, kernels.shape[1]
     rows, cols = block_masks._block_pixels(known.block, wb)
     where = (known.image[:, None, None], known.row[:, None, None], rows, cols)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from solov2_d2 import cropped_paste
-from solov2_d2.cropped_paste import paste_cropped
+from solov2_d2.cropped_paste import NEAR_MARGIN, paste_cropped
 from solov2_d2.postprocess import SOLOv2PostProcessor
 
 STRIDES = [8, 8, 16, 32, 32]
@@ -60,14 +60,17 @@ def _plain(soft, thresh, stride, image_size):
 
 
 def _assert_equal_to_plain(soft, stride, image_size, thresh=0.5, max_bytes=1 << 24):
-    """Asserts that `paste_cropped` gives the plain path's masks and boxes; returns them."""
-    found = paste_cropped(soft, thresh, stride, image_size, max_bytes)
-    assert found is not None
+    """Asserts that `paste_cropped` gives the plain path's masks and boxes, also given the rows
+    and columns near the threshold; returns them."""
+    near = soft > thresh - NEAR_MARGIN
     masks, boxes = _plain(soft, thresh, stride, image_size)
-    assert found[0].dtype == torch.bool and found[0].shape == (soft.shape[0], *image_size)
-    assert found[1].dtype == torch.float32 and found[1].shape == (soft.shape[0], 4)
-    assert torch.equal(found[0], masks)
-    assert torch.equal(found[1], boxes)
+    for lines in [None, (near.any(dim=2), near.any(dim=1))]:
+        found = paste_cropped(soft, thresh, stride, image_size, max_bytes, lines)
+        assert found is not None
+        assert found[0].dtype == torch.bool and found[0].shape == (soft.shape[0], *image_size)
+        assert found[1].dtype == torch.float32 and found[1].shape == (soft.shape[0], 4)
+        assert torch.equal(found[0], masks)
+        assert torch.equal(found[1], boxes)
     return masks, boxes
 
 
