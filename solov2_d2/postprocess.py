@@ -47,7 +47,11 @@ def point_nms(scores: torch.Tensor) -> torch.Tensor:
     Returns:
         [B, C, S, S], scores that are not local maxima set to 0.
     """
-    pooled = F.max_pool2d(scores, kernel_size=2, stride=1, padding=1)[..., :-1, :-1]
+    # The maximum over (i - 1, i) x (j - 1, j), as max_pool2d(kernel 2, stride 1, padding 1)
+    # cropped to the grid, by two shifted maxima: several times faster on the CPU.
+    lowest = float("-inf")
+    pooled = torch.maximum(scores, F.pad(scores[..., :-1, :], (0, 0, 1, 0), value=lowest))
+    pooled = torch.maximum(pooled, F.pad(pooled[..., :-1], (1, 0), value=lowest))
     return scores * (pooled == scores)
 
 

@@ -136,6 +136,15 @@ def test_point_nms_keeps_exactly_the_local_maxima():
                     assert kept[b, c, i, j] == expected
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 9, 6), (1, 80, 40, 40), (3, 2, 1, 1), (1, 3, 1, 7)])
+def test_point_nms_equals_the_references_max_pool(shape):
+    """As the references' 2 x 2 max pooling (stride 1, padding 1, cropped), ties included."""
+    g = torch.Generator().manual_seed(shape[2])
+    scores = torch.randint(0, 4, shape, generator=g).float() / 4
+    pooled = F.max_pool2d(scores, kernel_size=2, stride=1, padding=1)[..., :-1, :-1]
+    assert torch.equal(point_nms(scores), scores * (pooled == scores))
+
+
 def test_boxes_are_the_tight_bounds_of_the_masks():
     g = torch.Generator().manual_seed(0)
     masks = torch.rand(20, 31, 47, generator=g) > 0.97
