@@ -31,6 +31,8 @@ __all__ = [
 # Pasting works on at most this many bytes of float masks at a time, so that the memory of a
 # huge output image is its bool masks plus this.
 _PASTE_CHUNK_BYTES = 1 << 24
+# Cropped pasting pads a chunk's crops to their largest size: smaller chunks pad less.
+_CROP_CHUNK_BYTES = 1 << 22
 # Below these amounts of work the fast paths' fixed costs outweigh what they save on the CPU
 # (README, "Speed"): candidates x mask pixels for mask scoring, masks x output pixels for pasting.
 _BLOCKS_LEAST_WORK = 1 << 22
@@ -511,7 +513,7 @@ class SOLOv2PostProcessor:
             soft.device, work, _CROP_LEAST_WORK
         ):
             found = paste_cropped(
-                soft, self.mask_thresh, self.mask_stride, image_size, _PASTE_CHUNK_BYTES,
+                soft, self.mask_thresh, self.mask_stride, image_size, _CROP_CHUNK_BYTES,
                 near_lines,
             )
             if found is not None:
