@@ -9,12 +9,13 @@ those pairs' blocks are bounded. Compact masks pass in a few percent of the supe
 most pairs pass, every block is bounded at once (`every_block`, the plain version).
 """
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .block_groups import groups_by_key
+from .scratch import Scratch
 
 __all__ = ["SUPER", "BlockBounds"]
 
@@ -44,12 +45,20 @@ class BlockBounds:
             ranges of each super-block's blocks (0 past the grid).
     """
 
-    def __init__(self, high: torch.Tensor, low: torch.Tensor, grid: Tuple[int, int]):
+    def __init__(
+        self,
+        high: torch.Tensor,
+        low: torch.Tensor,
+        grid: Tuple[int, int],
+        scratch: Optional[Scratch] = None,
+    ):
         """
         Args:
             high, low: float32 [B, nb, E], each channel's largest and smallest value in each
                 block of a grid of (blocks per column, blocks per row) = `grid`.
+            scratch: holds the products' operands (a new one if None).
         """
+        self.scratch = scratch or Scratch()
         b, nb, e = high.shape
         hb, wb = grid
         sh, sw = math.ceil(hb / SUPER), math.ceil(wb / SUPER)
@@ -99,10 +108,16 @@ class BlockBounds:
         signed, norms = signed.flatten(0, 1), norms.flatten()
         candidate = pairs[:, 0] * n + pairs[:, 1]
         # One product per super-block: its candidates' kernels by its blocks' ranges.
+        take = lambda name, shape: self.scratch.take(  # noqa: E731
+            name, shape, torch.float32, kernels.device
+        )
         for keys, table, filled in groups_by_key(pairs[:, 0] * ns + pairs[:, 2], b * ns):
             rows = candidate[table]  # [g, W]
-            chunk = signed.index_select(0, rows.flatten()).view(*rows.shape, -1)
-            bound = torch.bmm(chunk, self.inner_ranges.index_select(0, keys).mT)  # [g, W, S^2]
+            chunk = torch.index_select(
+                signed, 0, rows.flatten(), out=take("signed", (rows.numel(), signed.shape[1]))
+            ).view(*rows.shape, -1)
+            ranges = self.inner_ranges.index_select(0, keys).mT  # [g, 2E, S^2]
+            bound = torch.bmm(chunk, ranges, out=take("bound", (*rows.shape, ranges.shape[2])))
             scale = norms[rows][:, :, None] * self.inner_largest[keys][:, None, :]
             blocks = self.super_blocks[keys % ns]  # [g, SUPER^2]
             reach = _may_reach(bound, scale, logit) & filled[:, :, None] & (blocks < nb)[:, None]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .block_bounds import BlockBounds
 from .block_groups import groups_by_key
 from .fresh_zeros import fresh_zeros
+from .scratch import Scratch
 
 __all__ = ["BLOCK", "REACH", "BlockBits", "KeptProbs", "MaskBlocks"]
 
@@ -107,23 +108,30 @@ class BlockBits(NamedTuple):
         )
         return out[:, :, :h, :w].reshape(b, n, h * w)
 
-    def intersections(self) -> torch.Tensor:
+    def intersections(self, scratch: Optional[Scratch] = None) -> torch.Tensor:
         """float32 [B, n, n] pixel counts |m_i & m_j|, summed over the blocks both keep (exact
-        integers, as `mask_intersections` of the dense masks)."""
+        integers, as `mask_intersections` of the dense masks); `scratch` holds the products'
+        operands (a new one if None)."""
         b, n, _ = self.shape
         num_blocks = self.grid[0] * self.grid[1]
         # Padding takes a block without bits, of a mask n outside the result: no masking.
-        bits = torch.cat([self.bits, self.bits.new_zeros((1, BLOCK * BLOCK))]).float()
+        bits = torch.cat([self.bits, self.bits.new_zeros((1, BLOCK * BLOCK))])
         row = torch.cat([self.row, self.row.new_full((1,), n)])
-        counts = bits.new_zeros(b * (n + 1) * (n + 1))
+        counts = torch.zeros(b * (n + 1) * (n + 1), device=bits.device)
         key = self.image * num_blocks + self.block
+        scratch = scratch or Scratch()
         for keys, table, filled in groups_by_key(key, b * num_blocks):
+            g, w = table.shape
             table = table.masked_fill_(~filled, self.bits.shape[0])
-            x = bits.index_select(0, table.flatten()).view(*table.shape, -1)  # [g, W, 64]
+            # The products' operands in float32, converted in the scratch.
+            x = scratch.take("bits", (g, w, BLOCK * BLOCK), torch.float32, bits.device)
+            x.copy_(bits.index_select(0, table.flatten()).view(g, w, -1))  # [g, W, 64]
             masks = row[table]  # [g, W]
             rows = masks + (keys // num_blocks * (n + 1))[:, None]  # rows of the batch's counts
             index = rows[:, :, None] * (n + 1) + masks[:, None, :]  # [g, W, W]
-            counts.index_add_(0, index.flatten(), torch.bmm(x, x.mT).flatten())
+            both = scratch.take("counts", (g, w, w), torch.float32, bits.device)
+            torch.bmm(x, x.mT, out=both)
+            counts.index_add_(0, index.flatten(), both.flatten())
         return counts.view(b, n + 1, n + 1)[:, :n, :n]
 
 
@@ -149,11 +157,17 @@ class MaskBlocks:
             bound).
     """
 
-    def __init__(self, mask_features: torch.Tensor, inside: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        mask_features: torch.Tensor,
+        inside: Optional[torch.Tensor] = None,
+        scratch: Optional[Scratch] = None,
+    ):
         """
         Args:
             mask_features: float32 [B, E, H, W].
             inside: float32 [B, 1, H * W], 1 inside each image's extent; None: all inside.
+            scratch: holds the products' operands (a new one if None).
         """
         b, e, h, w = mask_features.shape
         self.size = (h, w)
@@ -176,7 +190,8 @@ class MaskBlocks:
         self.low = by_block.amin(dim=2).amin(dim=3).flatten(1, 2)
         in_block = self.inside.unflatten(2, (-1, BLOCK)).unflatten(1, (-1, BLOCK))
         self.has_inside = in_block.amax(dim=2).amax(dim=3).flatten(1) > 0  # [B, nb]
-        self.bounds = BlockBounds(self.high, self.low, self.grid)
+        self.scratch = scratch or Scratch()
+        self.bounds = BlockBounds(self.high, self.low, self.grid, self.scratch)
 
     def may_pass(self, kernels: torch.Tensor, thresh: float) -> torch.Tensor:
         """bool [B, n, nb]: whether a pixel of each block may have a probability above `thresh`
@@ -230,7 +245,9 @@ class MaskBlocks:
                 values.append(probs.flatten(0, 1).index_select(0, some))
             flat = flat.masked_fill_(~filled, b * n).flatten()
             areas.index_add_(0, flat, counts.flatten())
-            probs = F.threshold_(probs, thresh, 0.0).sum(dim=2, dtype=torch.float64)
+            # Summed in float64 (exact); converted in the scratch, not in a new tensor.
+            wide = self.scratch.take("wide", probs.shape, torch.float64, probs.device)
+            probs = wide.copy_(F.threshold_(probs, thresh, 0.0)).sum(dim=2)
             sums.index_add_(0, flat, probs.flatten())
         image, cand, block = pairs[torch.cat(kept)].unbind(1)
         shape = (b, n, self.size[0] * self.size[1])
@@ -311,7 +328,7 @@ class MaskBlocks:
         """Probabilities of the (image, candidate, block) `pairs` [P, 3], a bucket of blocks at a
         time. Yields table [g, W] (pair indices), filled [g, W] (bool, False for padding), the
         candidates [g, W] (image * n + candidate), the blocks [g] and float32 [g, W, 64]
-        probabilities (0 outside the extent)."""
+        probabilities (0 outside the extent), in `scratch`: valid until the next group."""
         b, n, e = kernels.shape
         hb, wb = self.grid
         num_blocks = hb * wb
@@ -321,15 +338,23 @@ class MaskBlocks:
         kernels = kernels.reshape(b * n, e)
         cand = pairs[:, 0] * n + pairs[:, 1]
         key = pairs[:, 0] * num_blocks + pairs[:, 2]
+        take = lambda name, shape: self.scratch.take(  # noqa: E731
+            name, shape, torch.float32, kernels.device
+        )
         for keys, table, filled in groups_by_key(key, b * num_blocks):
             image, block = keys // num_blocks, keys % num_blocks
             rows = _block_rows(block, wb)
             index = (image * (hb * BLOCK * wb))[:, None] + rows  # rows in the batch's map
-            features = feature_rows.index_select(0, index.flatten()).view(-1, BLOCK * BLOCK, e)
+            features = torch.index_select(
+                feature_rows, 0, index.flatten(), out=take("features", (index.numel(), BLOCK * e))
+            ).view(-1, BLOCK * BLOCK, e)
             flat = cand[table]  # [g, W]
             # One product per block: its candidates [g, W, E] by its pixels [g, E, 64].
-            chunk = kernels.index_select(0, flat.flatten()).view(*flat.shape, e)
-            probs = torch.bmm(chunk, features.mT).sigmoid_()
+            chunk = torch.index_select(
+                kernels, 0, flat.flatten(), out=take("kernels", (flat.numel(), e))
+            ).view(*flat.shape, e)
+            probs = torch.bmm(chunk, features.mT, out=take("probs", (*flat.shape, BLOCK * BLOCK)))
+            probs.sigmoid_()
             if not self.all_inside:
                 probs.mul_(inside_rows.index_select(0, index.flatten()).view(-1, 1, BLOCK * BLOCK))
             yield table, filled, flat, block, probs

@@ -18,6 +18,7 @@ from .block_masks import DENSE_FRACTION, BlockBits, MaskBlocks
 from .cropped_paste import NEAR_MARGIN, paste_cropped
 from .heads import dynamic_mask_logits, flatten_levels
 from .mask_boxes import masks_to_boxes
+from .scratch import thread_scratch
 from .matrix_nms import matrix_nms_decay, sort_descending
 
 __all__ = [
@@ -334,7 +335,7 @@ class SOLOv2PostProcessor:
                 valid,
                 kernel=self.nms_kernel,
                 sigma=self.nms_sigma,
-                intersections=binary.intersections() if sparse else None,
+                intersections=binary.intersections(thread_scratch()) if sparse else None,
             )
             scores = scores * decay
             valid &= scores >= self.update_thresh
@@ -432,7 +433,7 @@ class SOLOv2PostProcessor:
         fast = self._fast(mask_features.device, work, _BLOCKS_LEAST_WORK)
         if not fast or kernels.shape[2] != mask_features.shape[1]:
             return None
-        blocks = MaskBlocks(mask_features, inside)
+        blocks = MaskBlocks(mask_features, inside, thread_scratch())
         # Where most blocks of a sample of the candidates may pass (large masks), the chunks
         # would take the plain path after computing their bounds: skip that work at once.
         step = max(1, cells.shape[1] // _SAMPLE)
