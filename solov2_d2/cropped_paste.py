@@ -74,9 +74,11 @@ def paste_cropped(
     for index, (hc, wc) in _chunks(heights[order], widths[order], per_pixel, max_bytes):
         index = order[index]
         # Crops of the common size, moved back where they would pass the map's edge.
-        rows = top[index].clamp(max=h_m - hc)[:, None] + arange(hc)  # [k, hc]
-        cols = left[index].clamp(max=w_m - wc)[:, None] + arange(wc)  # [k, wc]
-        crops = soft[index[:, None, None], rows[:, :, None], cols[:, None, :]]
+        y, x = top[index].clamp(max=h_m - hc), left[index].clamp(max=w_m - wc)  # [k]
+        rows, cols = y[:, None] + arange(hc), x[:, None] + arange(wc)  # [k, hc], [k, wc]
+        # Gathered as whole windows of a (read-only) view of every window: a copy per crop
+        # row, where indexing by rows and columns computes every pixel's position.
+        crops = soft.unfold(1, hc, 1).unfold(2, wc, 1)[index, y, x]  # [k, hc, wc]
         size = (hc * stride, wc * stride)
         up = F.interpolate(crops[:, None], size=size, mode="bilinear", align_corners=False)
         up = up[:, 0] > thresh
