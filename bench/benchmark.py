@@ -8,10 +8,12 @@ Writes benchmark.json and benchmark.md (also printed) to --out. Every time is a 
 --repeats runs after a warm-up run; batch times are divided by the batch size (per image).
 
 - Inference of SOLOv2-R50 at 800x1333 and SOLOv2-Light-448-R50 at 448x768, batch 1 and 4, random
-  weights, split by forward hooks into preprocessing (normalise, pad), backbone + FPN, heads (both)
-  and post-processing; with no candidate (random weights give every category score about 0.01,
-  below the 0.1 threshold) and with two forced loads of K candidates (:class:`ForcedCandidates`):
-  compact object-like masks, and the random network's own large, noisy masks.
+  weights, split by forward hooks and wrappers (:class:`StageTimer`) into preprocessing (normalise,
+  pad), backbone + FPN, heads (both, and the network's return, which frees its intermediate
+  features) and post-processing (the post-processor's call); with no candidate (random weights
+  give every category score about 0.01, below the 0.1 threshold) and with two forced loads of K
+  candidates (:class:`ForcedCandidates`): compact object-like masks, and the random network's own
+  large, noisy masks.
 - The arithmetic rate of backbone + FPN + heads: fvcore's FLOP count (it counts a multiply-add as
   one; doubled here) over their time, next to the float32 2048 x 2048 matmul rate measured here.
 - Matrix NMS alone against the reference code's formulation (bench_matrix_nms.py).
@@ -90,8 +92,14 @@ def synchronize(device: torch.device):
 
 class StageTimer:
     """Wall-clock times of the stages of one `SOLOv2.forward`, from forward hooks on the backbone
-    and the mask head (the last head to run), which may run once per image; on CUDA each reading
-    synchronises first."""
+    and the mask head (the last head to run) and from wrappers around `model.network` (which may
+    run once per image) and `model.postprocessor`; on CUDA each reading synchronises first.
+
+    Post-processing is the post-processor's call. The time between the mask head's end and that
+    call (the network returning, which frees its intermediate features, and the network policy
+    assembling its outputs) counts in "heads"; the time after it (the model releasing the head
+    outputs and the normalised images) counts only in the total.
+    """
 
     def __init__(self, model, device: torch.device):
         self.device = device
@@ -99,6 +107,20 @@ class StageTimer:
         model.backbone.register_forward_pre_hook(lambda *_: self._mark("backbone_start"))
         model.backbone.register_forward_hook(lambda *_: self._mark("backbone_end"))
         model.mask_head.register_forward_hook(lambda *_: self._mark("heads_end"))
+        network, postprocessor = model.network, model.postprocessor
+
+        def timed_network(*args):
+            outputs = network(*args)
+            self._mark("network_end")
+            return outputs
+
+        def timed_postprocessor(*args):
+            self._mark("postprocess_start")
+            results = postprocessor(*args)
+            self._mark("postprocess_end")
+            return results
+
+        model.network, model.postprocessor = timed_network, timed_postprocessor
 
     def _mark(self, name):
         synchronize(self.device)
@@ -111,10 +133,19 @@ class StageTimer:
         fn()
         self._mark("end")
         times = dict.fromkeys(STAGES, 0.0)
-        stage = {"backbone_start": "preprocess", "backbone_end": "backbone", "heads_end": "heads"}
-        stage["end"] = "postprocess"
+        # The stage of the interval that ends at each mark.
+        stage = {
+            "backbone_start": "preprocess",
+            "backbone_end": "backbone",
+            "heads_end": "heads",
+            "network_end": "heads",
+            "postprocess_start": "heads",
+            "postprocess_end": "postprocess",
+            "end": None,
+        }
         for (_, start), (name, end) in zip(self.marks, self.marks[1:]):
-            times[stage[name]] += end - start
+            if stage[name] is not None:
+                times[stage[name]] += end - start
         times["total"] = self.marks[-1][1] - self.marks[0][1]
         return {k: v * 1000 for k, v in times.items()}
 
