@@ -18,8 +18,8 @@ from .block_masks import DENSE_FRACTION, BlockBits, MaskBlocks
 from .cropped_paste import NEAR_MARGIN, paste_cropped
 from .heads import dynamic_mask_logits, flatten_levels
 from .mask_boxes import masks_to_boxes
-from .scratch import thread_scratch
 from .matrix_nms import matrix_nms_decay, sort_descending
+from .scratch import thread_scratch
 
 __all__ = [
     "Detections",
