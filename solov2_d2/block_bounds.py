@@ -108,16 +108,14 @@ class BlockBounds:
         signed, norms = signed.flatten(0, 1), norms.flatten()
         candidate = pairs[:, 0] * n + pairs[:, 1]
         # One product per super-block: its candidates' kernels by its blocks' ranges.
-        take = lambda name, shape: self.scratch.take(  # noqa: E731
-            name, shape, torch.float32, kernels.device
-        )
+        take, device = self.scratch.take, kernels.device
         for keys, table, filled in groups_by_key(pairs[:, 0] * ns + pairs[:, 2], b * ns):
             rows = candidate[table]  # [g, W]
-            chunk = torch.index_select(
-                signed, 0, rows.flatten(), out=take("signed", (rows.numel(), signed.shape[1]))
-            ).view(*rows.shape, -1)
+            chunk = take("signed", (rows.numel(), signed.shape[1]), device)
+            torch.index_select(signed, 0, rows.flatten(), out=chunk)
             ranges = self.inner_ranges.index_select(0, keys).mT  # [g, 2E, S^2]
-            bound = torch.bmm(chunk, ranges, out=take("bound", (*rows.shape, ranges.shape[2])))
+            bound = take("bound", (*rows.shape, ranges.shape[2]), device)
+            torch.bmm(chunk.view(*rows.shape, -1), ranges, out=bound)  # [g, W, S^2]
             scale = norms[rows][:, :, None] * self.inner_largest[keys][:, None, :]
             blocks = self.super_blocks[keys % ns]  # [g, SUPER^2]
             reach = _may_reach(bound, scale, logit) & filled[:, :, None] & (blocks < nb)[:, None]

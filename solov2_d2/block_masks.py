@@ -124,12 +124,12 @@ class BlockBits(NamedTuple):
             g, w = table.shape
             table = table.masked_fill_(~filled, self.bits.shape[0])
             # The products' operands in float32, converted in the scratch.
-            x = scratch.take("bits", (g, w, BLOCK * BLOCK), torch.float32, bits.device)
+            x = scratch.take("bits", (g, w, BLOCK * BLOCK), bits.device)
             x.copy_(bits.index_select(0, table.flatten()).view(g, w, -1))  # [g, W, 64]
             masks = row[table]  # [g, W]
             rows = masks + (keys // num_blocks * (n + 1))[:, None]  # rows of the batch's counts
             index = rows[:, :, None] * (n + 1) + masks[:, None, :]  # [g, W, W]
-            both = scratch.take("counts", (g, w, w), torch.float32, bits.device)
+            both = scratch.take("counts", (g, w, w), bits.device)
             torch.bmm(x, x.mT, out=both)
             counts.index_add_(0, index.flatten(), both.flatten())
         return counts.view(b, n + 1, n + 1)[:, :n, :n]
@@ -246,7 +246,7 @@ class MaskBlocks:
             flat = flat.masked_fill_(~filled, b * n).flatten()
             areas.index_add_(0, flat, counts.flatten())
             # Summed in float64 (exact); converted in the scratch, not in a new tensor.
-            wide = self.scratch.take("wide", probs.shape, torch.float64, probs.device)
+            wide = self.scratch.take("wide", probs.shape, probs.device, torch.float64)
             probs = wide.copy_(F.threshold_(probs, thresh, 0.0)).sum(dim=2)
             sums.index_add_(0, flat, probs.flatten())
         image, cand, block = pairs[torch.cat(kept)].unbind(1)
@@ -338,23 +338,21 @@ class MaskBlocks:
         kernels = kernels.reshape(b * n, e)
         cand = pairs[:, 0] * n + pairs[:, 1]
         key = pairs[:, 0] * num_blocks + pairs[:, 2]
-        take = lambda name, shape: self.scratch.take(  # noqa: E731
-            name, shape, torch.float32, kernels.device
-        )
+        take, device = self.scratch.take, kernels.device
         for keys, table, filled in groups_by_key(key, b * num_blocks):
             image, block = keys // num_blocks, keys % num_blocks
             rows = _block_rows(block, wb)
             index = (image * (hb * BLOCK * wb))[:, None] + rows  # rows in the batch's map
-            features = torch.index_select(
-                feature_rows, 0, index.flatten(), out=take("features", (index.numel(), BLOCK * e))
-            ).view(-1, BLOCK * BLOCK, e)
+            features = take("features", (index.numel(), BLOCK * e), device)
+            torch.index_select(feature_rows, 0, index.flatten(), out=features)
+            features = features.view(-1, BLOCK * BLOCK, e)
             flat = cand[table]  # [g, W]
             # One product per block: its candidates [g, W, E] by its pixels [g, E, 64].
-            chunk = torch.index_select(
-                kernels, 0, flat.flatten(), out=take("kernels", (flat.numel(), e))
-            ).view(*flat.shape, e)
-            probs = torch.bmm(chunk, features.mT, out=take("probs", (*flat.shape, BLOCK * BLOCK)))
-            probs.sigmoid_()
+            chunk = take("kernels", (flat.numel(), e), device)
+            torch.index_select(kernels, 0, flat.flatten(), out=chunk)
+            chunk = chunk.view(*flat.shape, e)
+            probs = take("probs", (*flat.shape, BLOCK * BLOCK), device)
+            torch.bmm(chunk, features.mT, out=probs).sigmoid_()
             if not self.all_inside:
                 probs.mul_(inside_rows.index_select(0, index.flatten()).view(-1, 1, BLOCK * BLOCK))
             yield table, filled, flat, block, probs

@@ -335,7 +335,7 @@ class SOLOv2PostProcessor:
                 valid,
                 kernel=self.nms_kernel,
                 sigma=self.nms_sigma,
-                intersections=binary.intersections(thread_scratch()) if sparse else None,
+                intersections=binary.intersections(blocks.scratch) if sparse else None,
             )
             scores = scores * decay
             valid &= scores >= self.update_thresh

@@ -22,7 +22,11 @@ class Scratch:
         self._buffers: Dict[str, torch.Tensor] = {}
 
     def take(
-        self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+        self,
+        name: str,
+        shape: Sequence[int],
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """An uninitialised tensor of `shape`, `dtype` on `device`, in the buffer `name` (replaced
         by a larger one where it is too small, or by one of the right dtype and device)."""

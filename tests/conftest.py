@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import solov2_d2  # isort: split
 
@@ -90,3 +91,16 @@ def copy_fruit(folder: Path, stems, without_shapes=()) -> Path:
             data["shapes"] = []
         (folder / f"{stem}.json").write_text(json.dumps(data))
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """One thread for exact comparisons: a sigmoid rounds the few elements at the end of each
+    thread's part of a tensor (a scalar loop) differently from the others, so the plain path's
+    probabilities depend on the thread count. With one thread only a tensor's last elements take
+    that loop (in the post-processing tests, the last candidate's last pixels, outside the last
+    image's extent or of an invalid candidate)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

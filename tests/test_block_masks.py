@@ -104,19 +104,6 @@ def _assert_valid_equal(found, expected, valid):
         assert not ours[~valid].any()  # invalid candidates: 0
 
 
-@pytest.fixture
-def one_thread():
-    """One thread for exact comparisons: a sigmoid rounds the few elements at the end of each
-    thread's part of a tensor (a scalar loop) differently from the others, so the plain path's
-    probabilities depend on the thread count. With one thread only a tensor's last elements take
-    that loop (here the last candidate's last pixels, outside the last image's extent or of an
-    invalid candidate)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("thresh", [0.5, 0.3])
 @pytest.mark.parametrize(
     "size,extents",

@@ -3,7 +3,7 @@ never depend on what a buffer held before."""
 import threading
 
 import torch
-from test_block_masks import _compact_load, _fast_and_plain, one_thread  # noqa: F401
+from test_block_masks import _compact_load, _fast_and_plain
 
 from solov2_d2 import postprocess as pp
 from solov2_d2.postprocess import SOLOv2PostProcessor
@@ -12,18 +12,18 @@ from solov2_d2.scratch import Scratch, thread_scratch
 
 def test_take_reuses_a_buffer_until_it_is_too_small():
     scratch = Scratch()
-    first = scratch.take("a", (4, 6), torch.float32, torch.device("cpu"))
+    first = scratch.take("a", (4, 6), torch.device("cpu"), torch.float32)
     assert first.shape == (4, 6) and first.dtype == torch.float32 and first.is_contiguous()
-    smaller = scratch.take("a", (3, 2, 2), torch.float32, "cpu")
+    smaller = scratch.take("a", (3, 2, 2), "cpu", torch.float32)
     assert smaller.shape == (3, 2, 2) and smaller.data_ptr() == first.data_ptr()
-    other = scratch.take("b", (4, 6), torch.float32, "cpu")
+    other = scratch.take("b", (4, 6), "cpu")
     assert other.data_ptr() != first.data_ptr()  # names never share memory
-    larger = scratch.take("a", (5, 6), torch.float32, "cpu")
+    larger = scratch.take("a", (5, 6), "cpu")
     assert larger.shape == (5, 6) and larger.data_ptr() != first.data_ptr()
-    wide = scratch.take("a", (2, 3), torch.float64, "cpu")
+    wide = scratch.take("a", (2, 3), "cpu", torch.float64)
     assert wide.dtype == torch.float64
     assert scratch.nbytes() == 6 * 8 + 24 * 4  # "a" now holds 6 float64, "b" 24 float32
-    assert scratch.take("c", (0, 5), torch.float32, "cpu").shape == (0, 5)
+    assert scratch.take("c", (0, 5), "cpu").shape == (0, 5)
 
 
 def test_each_thread_has_its_own_scratch():
@@ -39,12 +39,12 @@ def test_each_thread_has_its_own_scratch():
 class _Garbage(Scratch):
     """A scratch whose buffers hold NaN (or True) wherever they are taken."""
 
-    def take(self, name, shape, dtype, device):
-        x = super().take(name, shape, dtype, device)
+    def take(self, name, shape, device, dtype=torch.float32):
+        x = super().take(name, shape, device, dtype)
         return x.fill_(True if dtype == torch.bool else float("nan"))
 
 
-def test_results_do_not_depend_on_what_the_scratch_held(monkeypatch, one_thread):  # noqa: F811
+def test_results_do_not_depend_on_what_the_scratch_held(monkeypatch, one_thread):
     """Every buffer taken full of NaN: the fast path still gives the plain path's detections,
     so it reads nothing of a buffer that it has not written."""
     garbage = _Garbage()
@@ -55,7 +55,7 @@ def test_results_do_not_depend_on_what_the_scratch_held(monkeypatch, one_thread)
     assert garbage.nbytes() > 0 and all(len(r) > 20 for r in found)
 
 
-def test_threads_at_the_same_time_get_their_own_results(one_thread):  # noqa: F811
+def test_threads_at_the_same_time_get_their_own_results(one_thread):
     """Two threads post-processing different loads at once on one post-processor give the
     results each gets alone (their buffers are their own)."""
     proc = SOLOv2PostProcessor(strides=[8, 8, 16, 32, 32], mask_stride=4, inference_path="fast")
