@@ -32,8 +32,8 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from solov2_d2 import add_solov2_config
 from solov2_d2.checks import check_weights_are_local
+from solov2_d2.engine.predictor import SOLOv2Predictor
 from solov2_d2.export import OnnxPredictor
-from solov2_d2.predictor import SOLOv2Predictor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -47,11 +47,11 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 from solov2_d2 import add_solov2_config
-from solov2_d2.checkpoint import SOLOv2Checkpointer
 from solov2_d2.checks import check_amp_device, check_dataset_classes, check_weights_are_local
 from solov2_d2.data import SOLOv2DatasetMapper, build_resumable_train_loader
-from solov2_d2.distributed import create_ddp_model, launch
-from solov2_d2.solver import build_optimizer
+from solov2_d2.engine.checkpoint import SOLOv2Checkpointer
+from solov2_d2.engine.launch import create_ddp_model, launch
+from solov2_d2.engine.solver import build_optimizer
 
 
 class Trainer(DefaultTrainer):
@@ -127,7 +127,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         """SGD with ``SOLVER.CLIP_GRADIENTS``, including the authors' clipping of the norm of
-        all gradients together (``CLIP_TYPE "full_model"``, :mod:`solov2_d2.solver`)."""
+        all gradients together (``CLIP_TYPE "full_model"``, :mod:`solov2_d2.engine.solver`)."""
         return build_optimizer(cfg, model)
 
     @classmethod

@@ -27,7 +27,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from solov2_d2.matrix_nms import matrix_nms
+from solov2_d2.inference.matrix_nms import matrix_nms
 
 NUM_CLASSES = 80
 

@@ -28,8 +28,8 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 
 from solov2_d2 import add_solov2_config
+from solov2_d2.engine.predictor import SOLOv2Predictor
 from solov2_d2.export import OnnxPredictor, require_export_packages
-from solov2_d2.predictor import SOLOv2Predictor
 
 
 def get_parser():

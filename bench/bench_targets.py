@@ -16,7 +16,7 @@ from bench_matrix_nms import median_ms
 
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 
-from solov2_d2.targets import assign_targets
+from solov2_d2.modeling.targets import assign_targets
 
 
 def random_instances(height, width, count, polygons, device, seed=0):

@@ -59,8 +59,8 @@ from random_model import random_model_cfg  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from solov2_d2 import matrix_nms  # noqa: E402
-from solov2_d2.mask_intersections import mask_intersections_float  # noqa: E402
+from solov2_d2.inference import matrix_nms  # noqa: E402
+from solov2_d2.inference.cpu.int8_intersections import mask_intersections_float  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {

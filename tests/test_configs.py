@@ -11,7 +11,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
 
 from solov2_d2 import add_solov2_config
 from solov2_d2.checks import check_weights_are_local
-from solov2_d2.deform_conv import ModulatedDeformConv2d
+from solov2_d2.layers.deform_conv import ModulatedDeformConv2d
 
 CONFIGS = REPO / "configs"
 

@@ -17,7 +17,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from solov2_d2 import add_solov2_config
-from solov2_d2.checkpoint import IncompleteWeightsError
+from solov2_d2.engine.checkpoint import IncompleteWeightsError
 
 sys.path.insert(0, str(REPO))
 import train_net  # noqa: E402

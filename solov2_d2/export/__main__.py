@@ -13,9 +13,9 @@ import solov2_d2  # noqa: F401  # isort: split
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from ..checkpoint import SOLOv2Checkpointer
 from ..checks import check_weights_are_local
 from ..config import add_solov2_config
+from ..engine.checkpoint import SOLOv2Checkpointer
 from .graph import DEFAULT_MAX_CANDIDATES, OPSET, export_onnx
 
 

@@ -11,11 +11,10 @@ from typing import NamedTuple, Tuple
 import torch
 from torch import nn
 
-from ..deform_conv import ModulatedDeformConv2d
-from ..heads import flatten_levels
-from ..meta_arch import SOLOv2
-from ..network_policy import mask_extent
-from ..postprocess import masks_to_boxes, point_nms
+from ..inference.pipeline import masks_to_boxes, point_nms
+from ..layers.deform_conv import ModulatedDeformConv2d
+from ..layers.dynamic_conv import flatten_levels
+from ..modeling.meta_arch import SOLOv2, mask_extent
 
 __all__ = [
     "DEFAULT_MAX_CANDIDATES",

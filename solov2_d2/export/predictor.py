@@ -9,9 +9,9 @@ import torch
 import detectron2.data.transforms as T
 from detectron2.structures import Instances
 
-from ..network_policy import mask_extent
-from ..postprocess import SOLOv2PostProcessor, detections_to_instances
-from ..predictor import image_for_predictor
+from ..engine.predictor import image_for_predictor
+from ..inference.pipeline import SOLOv2PostProcessor, detections_to_instances
+from ..modeling.meta_arch import mask_extent
 from .graph import INPUT_NAMES, OUTPUT_NAMES, require_export_packages
 
 __all__ = ["OnnxPredictor"]

@@ -1,0 +1,638 @@
+"""The block-bounded mask scoring of the CPU's fast path (`MaskBlocks`) against the plain
+computation of every pixel, and the whole post-processor's fast path against its plain one."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from devices import needs_cuda
+
+from solov2_d2 import block_groups, block_masks, cropped_paste
+from solov2_d2.inference import pipeline as pp
+from solov2_d2.inference.cpu.block_scoring import BLOCK, DENSE_FRACTION, BlockBits, MaskBlocks
+from solov2_d2.inference.cpu.cropped_paste import NEAR_MARGIN, paste_cropped
+from solov2_d2.inference.cpu.int8_intersections import mask_intersections_float
+from solov2_d2.inference.pipeline import SOLOv2PostProcessor
+
+GRIDS = [40, 36, 24, 16, 12]
+STRIDES = [8, 8, 16, 32, 32]
+
+
+def _blob_features(batch, size, objects, dim, g, largest=0.6, noise=0.3):
+    """float32 [B, dim, H, W]: channel j < `objects` an elliptical object (logit 4 (1 - d) at
+    normalised elliptical distance d, at least -8; sqrt(area) log-uniform in 2 .. `largest` of
+    the map's larger side), the last channel constant 1, the others small noise."""
+    h, w = size
+    n = objects
+    rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    side = torch.exp(math.log(2) + rand(batch, n) * math.log(largest * max(h, w) / 2))
+    aspect = 0.5 + 1.5 * rand(batch, n)
+    ry, rx = side * aspect.sqrt() / 2, side / aspect.sqrt() / 2
+    cy, cx = rand(batch, n) * h, rand(batch, n) * w
+    angle = rand(batch, n) * math.pi
+    ys = torch.arange(h, dtype=torch.float32)[:, None] - cy[..., None, None]
+    xs = torch.arange(w, dtype=torch.float32)[None, :] - cx[..., None, None]
+    cos, sin = angle.cos()[..., None, None], angle.sin()[..., None, None]
+    u, v = xs * cos + ys * sin, -xs * sin + ys * cos
+    dist = ((u / rx[..., None, None]) ** 2 + (v / ry[..., None, None]) ** 2).sqrt()
+    features = noise * torch.randn(batch, dim, h, w, generator=g)
+    features[:, :n] = (4 * (1 - dist)).clamp(min=-8)
+    features[:, -1] = 1
+    return features
+
+
+def _blob_kernels(batch, num, objects, dim, g, noise=0.05):
+    """float32 [B, num, dim]: a * (an object's channel) + b * (the constant channel), a in
+    [0.8, 1.25], b in [-1, 1], plus small weights on the noise channels."""
+    kernels = noise * torch.randn(batch, num, dim, generator=g)
+    kernels[..., :objects] = 0
+    obj = torch.randint(objects, (batch, num, 1), generator=g)
+    kernels.scatter_(2, obj, 0.8 + 0.45 * torch.rand(batch, num, 1, generator=g))
+    kernels[..., -1] = 2 * torch.rand(batch, num, generator=g) - 1
+    return kernels
+
+
+def _blob_case(seed, size, second_extent, count, largest):
+    """Two images of object-like masks (the second with a smaller extent), `count` candidates
+    each, about 10% of them invalid: features, kernels, valid and their `MaskBlocks`."""
+    g = torch.Generator().manual_seed(seed)
+    features = _blob_features(2, size, objects=12, dim=16, g=g, largest=largest)
+    kernels = _blob_kernels(2, count, objects=12, dim=16, g=g)
+    valid = torch.rand(2, count, generator=g) < 0.9
+    return features, kernels, valid, MaskBlocks(features, _inside(size, [size, second_extent]))
+
+
+def _inside(size, extents):
+    """float32 [B, 1, H * W]: 1 inside each image's extent (h, w)."""
+    rows, cols = torch.arange(size[0]), torch.arange(size[1])
+    inside = [(rows[:, None] < h) & (cols < w) for h, w in extents]
+    return torch.stack(inside).flatten(1)[:, None].float()
+
+
+def _plain(features, kernels, inside, thresh):
+    """The plain path's int32 areas, float64 sums and bool binary masks of every candidate."""
+    probs = torch.bmm(kernels, features.flatten(2)).sigmoid()
+    if inside is not None:
+        probs = probs * inside
+    binary = probs > thresh
+    sums = (probs * binary).sum(dim=2, dtype=torch.float64)
+    return binary.sum(dim=2, dtype=torch.int32), sums, binary
+
+
+def _block_max(features, kernels, inside, thresh):
+    """bool [B, n, nb]: whether a pixel of each 8 x 8 block passes `thresh`, brute force."""
+    b, _, h, w = features.shape
+    probs = torch.bmm(kernels, features.flatten(2)).sigmoid()
+    if inside is not None:
+        probs = probs * inside
+    probs = probs.view(b, -1, h, w)
+    padded = F.pad(probs, (0, -w % BLOCK, 0, -h % BLOCK))
+    return F.max_pool2d(padded, BLOCK).flatten(2) > thresh
+
+
+def _dense(binary):
+    """bool [B, n, H * W] of binary masks, dense or `BlockBits`."""
+    return binary.dense() if isinstance(binary, BlockBits) else binary
+
+
+def _assert_valid_equal(found, expected, valid):
+    areas, sums, binary = found = (found[0], found[1], _dense(found[2]))
+    assert areas.dtype == torch.int32 and sums.dtype == torch.float64
+    assert binary.dtype == torch.bool and binary.shape == expected[2].shape
+    for ours, plain in zip(found, expected):
+        assert torch.equal(ours[valid], plain[valid])
+        assert not ours[~valid].any()  # invalid candidates: 0
+
+
+@pytest.mark.parametrize("thresh", [0.5, 0.3])
+@pytest.mark.parametrize(
+    "size,extents",
+    [((32, 40), [(32, 40), (21, 27)]), ((37, 45), [(37, 45), (30, 19)]),
+     ((61, 77), [(61, 77), (50, 35)])],
+)
+def test_score_equals_the_plain_path_on_object_like_masks(
+    size, extents, thresh, monkeypatch, one_thread
+):
+    """Batches of two images of different extents, maps of multiples of 8 pixels and not."""
+    g = torch.Generator().manual_seed(size[0] + int(10 * thresh))
+    features = _blob_features(2, size, objects=12, dim=16, g=g, largest=0.4)
+    kernels = _blob_kernels(2, 40, objects=12, dim=16, g=g)
+    valid = torch.rand(2, 40, generator=g) < 0.8
+    inside = _inside(size, extents)
+    found = MaskBlocks(features, inside).score(kernels, valid, thresh)
+    if found is None:
+        # The blocks at the edge of a map padded to multiples of 8 loosen the bound.
+        assert size[0] % BLOCK or size[1] % BLOCK
+        monkeypatch.setattr(block_masks, "DENSE_FRACTION", 1.0)
+        found = MaskBlocks(features, inside).score(kernels, valid, thresh)
+    expected = _plain(features, kernels, inside, thresh)
+    areas = expected[0][valid]
+    assert areas.min() == 0 and areas.max() > 100 and (areas > 0).sum() > 30
+    _assert_valid_equal(found, expected, valid)
+    # Every pixel inside, every pair computed however many may pass.
+    monkeypatch.setattr(block_masks, "DENSE_FRACTION", 1.0)
+    valid[-1, -1] = False  # its last pixels: see `one_thread`
+    found = MaskBlocks(features).score(kernels, valid, thresh)
+    _assert_valid_equal(found, _plain(features, kernels, None, thresh), valid)
+
+
+@pytest.mark.parametrize("size", [(32, 40), (37, 45)])
+def test_score_of_a_single_candidate(size):
+    """One candidate (a product of 1 row on the plain path): same areas and binary mask, sums to
+    float rounding."""
+    g = torch.Generator().manual_seed(3)
+    features = _blob_features(2, size, objects=6, dim=16, g=g, largest=0.3)
+    inside = _inside(size, [size, (size[0] - 11, size[1] - 5)])
+    checked = 0
+    for _ in range(10):
+        kernels = _blob_kernels(2, 1, objects=6, dim=16, g=g)
+        valid = torch.ones(2, 1, dtype=torch.bool)
+        found = MaskBlocks(features, inside).score(kernels, valid, 0.5)
+        if found is None:  # a mask over most blocks
+            continue
+        areas, sums, binary = _plain(features, kernels, inside, 0.5)
+        assert torch.equal(found[0], areas) and torch.equal(_dense(found[2]), binary)
+        torch.testing.assert_close(found[1], sums, rtol=1e-7, atol=0)
+        checked += int((areas > 0).sum())
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("thresh", [0.5, 0.3, 0.9, 0.05])
+def test_may_pass_never_misses_a_passing_block(seed, thresh):
+    g = torch.Generator().manual_seed(seed)
+    size = [(32, 40), (37, 45), (16, 16), (9, 23)][seed]
+    dim = [8, 16, 32, 64][seed]
+    features = torch.randn(2, dim, *size, generator=g) * (1 + seed)
+    kernels = torch.randn(2, 50, dim, generator=g) / dim**0.5
+    kernels[:, :25] *= 0.2  # small logits: blocks near the threshold
+    inside = _inside(size, [size, (size[0] // 2 - 1, size[1] // 2)])
+    blocks = MaskBlocks(features, inside)
+    may = blocks.may_pass(kernels, thresh)
+    nb = math.ceil(size[0] / BLOCK) * math.ceil(size[1] / BLOCK)
+    assert may.shape == (2, 50, nb) and may.dtype == torch.bool
+    passes = _block_max(features, kernels, inside, thresh)
+    assert passes.any() and not (passes & ~may).any()
+    # Blocks wholly outside an extent never pass.
+    ones = torch.ones(2, 1, 1)
+    outside = ~_block_max(inside.view(2, 1, *size), ones, None, 0.5).expand(-1, 50, -1)
+    assert outside[1].any() and not (may & outside).any()
+
+
+@pytest.mark.parametrize("thresh", [0.5, 0.3, 0.9])
+def test_may_pass_at_the_rounding_edge(thresh):
+    """Blocks whose bound is their exact largest logit (every channel but one constant in each
+    block), kernels whose largest logit is within float rounding of the threshold's: the bound,
+    a product summed in another order, needs its rounding margin."""
+    g = torch.Generator().manual_seed(int(10 * thresh))
+    dim, num = 64, 300
+    features = F.interpolate(torch.randn(1, dim, 4, 5, generator=g) * 3, scale_factor=8)
+    features[0, 0] = torch.rand(32, 40, generator=g) * 4 - 2
+    features[0, -1] = 1
+    kernels = torch.randn(1, num, dim, generator=g)
+    kernels[0, :, -1] = 0
+    top = torch.bmm(kernels, features.flatten(2)).amax(dim=2)
+    logit = math.log(thresh / (1 - thresh))
+    ulps = torch.randint(-30, 31, (1, num), generator=g) * 1e-7 * (1 + abs(logit))
+    kernels[:, :, -1] = logit - top + ulps
+    passes = _block_max(features, kernels, None, thresh)
+    assert passes.sum() > 20
+    assert not (passes & ~MaskBlocks(features).may_pass(kernels, thresh)).any()
+
+
+def test_may_pass_is_tight_on_object_like_masks():
+    g = torch.Generator().manual_seed(11)
+    size = (64, 80)
+    features = _blob_features(2, size, objects=24, dim=32, g=g, largest=0.4)
+    kernels = _blob_kernels(2, 200, objects=24, dim=32, g=g)
+    for thresh in [0.5, 0.3]:
+        may = MaskBlocks(features).may_pass(kernels, thresh)
+        true = _block_max(features, kernels, None, thresh)
+        assert not (true & ~may).any()
+        fraction, true_fraction = may.float().mean(), true.float().mean()
+        assert 0 < true_fraction < 0.2
+        assert fraction < 3 * true_fraction + 0.05
+
+
+def test_score_gives_up_on_large_noisy_masks(one_thread):
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(2, 16, 37, 45, generator=g)
+    kernels = 10 * torch.randn(2, 30, 16, generator=g)
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    blocks = MaskBlocks(features)
+    assert blocks.may_pass(kernels, 0.5).float().mean() > DENSE_FRACTION
+    assert blocks.score(kernels, valid, 0.5) is None
+    # Only invalid candidates are counted: with few valid ones it computes them.
+    valid[:, 4:] = False
+    found = blocks.score(kernels, valid, 0.5)
+    assert found is not None
+    _assert_valid_equal(found, _plain(features, kernels, None, 0.5), valid)
+
+
+def test_threshold_zero_lets_every_block_inside_pass(one_thread):
+    g = torch.Generator().manual_seed(6)
+    size = (37, 45)
+    features = torch.randn(2, 16, *size, generator=g)
+    kernels = torch.randn(2, 20, 16, generator=g) - 30  # every logit far below 0
+    inside = _inside(size, [(37, 45), (10, 17)])
+    may = MaskBlocks(features, inside).may_pass(kernels, 0.0)
+    assert may[0].all()
+    expected = torch.zeros(5, 6, dtype=torch.bool)
+    expected[:2, :3] = True  # blocks with a pixel of rows < 10 and columns < 17
+    assert torch.equal(may[1], expected.flatten().expand(20, -1))
+    # Scoring at 0 with a small extent: every pixel inside passes, in few blocks.
+    small = _inside(size, [(9, 7), (10, 17)])
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    kernels = torch.randn(2, 20, 16, generator=g)
+    found = MaskBlocks(features, small).score(kernels, valid, 0.0)
+    assert found is not None
+    expected = _plain(features, kernels, small, 0.0)
+    _assert_valid_equal(found, expected, valid)
+    assert found[0][:, 0].tolist() == [63, 170]
+
+
+def test_all_invalid_candidates_and_no_candidate():
+    g = torch.Generator().manual_seed(7)
+    size = (37, 45)
+    features = _blob_features(2, size, objects=6, dim=16, g=g)
+    kernels = _blob_kernels(2, 20, objects=6, dim=16, g=g)
+    blocks = MaskBlocks(features, _inside(size, [size, (20, 20)]))
+    areas, sums, bits = blocks.score(kernels, torch.zeros(2, 20, dtype=torch.bool), 0.5)
+    binary = _dense(bits)
+    assert areas.shape == (2, 20) and sums.shape == (2, 20) and binary.shape == (2, 20, 37 * 45)
+    assert not areas.any() and not sums.any() and not binary.any()
+    if isinstance(bits, BlockBits):
+        assert torch.equal(bits.intersections(), torch.zeros(2, 20, 20))
+        assert not bits.select(torch.arange(5).expand(2, -1)).dense().any()
+    empty = kernels[:, :0]
+    assert blocks.may_pass(empty, 0.5).shape == (2, 0, 30)
+    areas, sums, bits = blocks.score(empty, torch.zeros(2, 0, dtype=torch.bool), 0.5)
+    binary = _dense(bits)
+    assert areas.shape == (2, 0) and sums.shape == (2, 0) and binary.shape == (2, 0, 37 * 45)
+    assert areas.dtype == torch.int32 and sums.dtype == torch.float64 and binary.dtype == torch.bool
+    if isinstance(bits, BlockBits):
+        assert bits.intersections().shape == (2, 0, 0)
+        assert bits.select(torch.zeros(2, 0, dtype=torch.long)).dense().shape == (2, 0, 37 * 45)
+
+
+def test_block_bits_select_cat_and_intersections(one_thread):
+    """The binary masks kept in blocks: dense, reordered, concatenated and their intersections
+    as those of the dense masks."""
+    features, kernels, valid, blocks = _blob_case(8, (61, 77), (50, 35), 40, largest=0.4)
+    first = blocks.score(kernels[:, :16], valid[:, :16], 0.5)[2]
+    second = blocks.score(kernels[:, 16:], valid[:, 16:], 0.5)[2]
+    assert isinstance(first, BlockBits) and isinstance(second, BlockBits)
+    bits = BlockBits.cat([first, second])
+    dense = bits.dense()
+    assert torch.equal(dense, torch.cat([first.dense(), second.dense()], dim=1))
+    assert torch.equal(dense, _dense(blocks.score(kernels, valid, 0.5)[2]))
+    assert dense.shape == (2, 40, 61 * 77) and dense.flatten(2).any(dim=2).sum() > 40
+    counts = bits.intersections()
+    assert counts.dtype == torch.float32
+    assert torch.equal(counts, mask_intersections_float(dense))
+    # The kept blocks' probabilities: the plain ones, pixels row by row.
+    inside = _inside((61, 77), [(61, 77), (50, 35)])
+    plain = torch.bmm(kernels, features.flatten(2)).sigmoid() * inside
+    assert torch.equal(_block_values(bits), _plain_block_values(plain, bits))
+    assert (counts.diagonal(dim1=1, dim2=2) > 0).sum() > 40 and counts.triu(1).any()
+    g = torch.Generator().manual_seed(9)
+    order = torch.stack([torch.randperm(40, generator=g)[:25] for _ in range(2)])
+    chosen = bits.select(order)
+    assert chosen.shape == (2, 25, 61 * 77)
+    assert torch.equal(chosen.dense(), dense[torch.arange(2)[:, None], order])
+    assert torch.equal(chosen.intersections(), mask_intersections_float(chosen.dense()))
+    chosen_plain = plain[torch.arange(2)[:, None], order]
+    assert torch.equal(_block_values(chosen), _plain_block_values(chosen_plain, chosen))
+
+
+def _block_values(bits):
+    """float32 [P, 64]: the probabilities that `bits` keeps, checked to match its binary masks."""
+    assert bits.values is not None and bits.values.shape == bits.bits.shape
+    assert torch.equal(bits.values > 0.5, bits.bits)
+    return bits.values
+
+
+def _plain_block_values(probs, bits):
+    """float32 [P, 64]: the plain probabilities [B, n, H * W] of the blocks of `bits`."""
+    (h, w), (hb, wb) = bits.size, bits.grid
+    maps = F.pad(probs.view(*probs.shape[:2], h, w), (0, wb * BLOCK - w, 0, hb * BLOCK - h))
+    rows, cols = block_masks._block_pixels(bits.block, wb)
+    return maps[bits.image[:, None, None], bits.row[:, None, None], rows, cols].flatten(1)
+
+
+def test_block_values_are_dropped_beyond_their_memory_budget(monkeypatch, one_thread):
+    """Past `_VALUES_MAX_BYTES` a chunk keeps no probabilities, and masks concatenated with such
+    a chunk keep none: the kept masks' probabilities are then computed around every block that
+    may pass, with the same values where they are exact."""
+    features, kernels, valid, blocks = _blob_case(8, (61, 77), (50, 35), 40, largest=0.4)
+    with_values = blocks.score(kernels, valid, 0.5)[2]
+    monkeypatch.setattr(block_masks, "_VALUES_MAX_BYTES", 0)
+    without = blocks.score(kernels, valid, 0.5)[2]
+    assert with_values.values is not None and without.values is None
+    assert torch.equal(without.dense(), with_values.dense())
+    assert BlockBits.cat([with_values, without]).values is None
+    near = 0.5 - NEAR_MARGIN
+    for ours, alone in zip(blocks.probs(kernels, near, without), blocks.probs(kernels, near)):
+        assert torch.equal(ours, alone)
+
+
+@pytest.mark.parametrize("with_known", [False, True])
+@pytest.mark.parametrize("thresh", [0.5, 0.3])
+@pytest.mark.parametrize("size,extents", [((64, 80), [(64, 80), (58, 68)]),
+                                          ((61, 77), [(61, 77), (50, 35)])])
+def test_probs_are_exact_around_the_pixels_that_may_pass(
+    size, extents, thresh, with_known, monkeypatch, one_thread
+):
+    """`MaskBlocks.probs`, alone or with the masks' blocks kept by scoring: the plain
+    probabilities within `REACH` (2) pixels of any above `near`, at most `near` where 0, and
+    the rows and columns that hold one; pasting them gives the plain path's masks, at the
+    input's size (with and without those rows and columns) and resized."""
+    g = torch.Generator().manual_seed(size[0] + int(10 * thresh))
+    features = _blob_features(2, size, objects=12, dim=16, g=g, largest=0.3)
+    kernels = _blob_kernels(2, 32, objects=12, dim=16, g=g)
+    inside = _inside(size, extents)
+    near = thresh - NEAR_MARGIN
+    blocks = MaskBlocks(features, inside)
+    known = None
+    if with_known:
+        monkeypatch.setattr(block_masks, "DENSE_FRACTION", 1.0)
+        known = blocks.score(kernels, torch.ones(2, 32, dtype=torch.bool), thresh)[2]
+        assert known.values is not None and known.bits.shape[0] > 50
+    kept = blocks.probs(kernels, near, known)
+    if kept is None:
+        # The blocks at the edge of a map padded to multiples of 8 loosen the bound.
+        assert size[0] % BLOCK or size[1] % BLOCK
+        monkeypatch.setattr(block_masks, "DENSE_FRACTION", 1.0)
+        kept = blocks.probs(kernels, near, known)
+    fast = kept.probs
+    assert fast.shape == (2, 32, size[0] * size[1])
+    plain = torch.bmm(kernels, features.flatten(2)).sigmoid() * inside
+    above = (plain > near).view(2, 32, *size)
+    assert torch.equal(kept.rows, above.any(dim=3)) and torch.equal(kept.cols, above.any(dim=2))
+    assert ((fast == plain) | ((fast == 0) & (plain <= near))).all()
+    around = F.max_pool2d((plain > near).float().view(-1, 1, *size), 5, stride=1, padding=2)
+    around = around.view_as(plain) > 0
+    assert around.sum() > 1000 and torch.equal(fast[around], plain[around])
+    proc = SOLOv2PostProcessor(
+        strides=STRIDES, mask_stride=4, mask_thresh=thresh, inference_path="plain"
+    )
+    for i, (h, w) in enumerate(extents):
+        soft = [x[i].view(-1, *size)[:, :h, :w] for x in (fast, plain)]
+        image = (4 * h - 3, 4 * w - 1)
+        expected = proc.paste(soft[1], image, image)
+        found = paste_cropped(soft[0], thresh, 4, image, 1 << 24)
+        lines = (kept.rows[i, :, :h], kept.cols[i, :, :w])
+        given = paste_cropped(soft[0], thresh, 4, image, 1 << 24, lines)
+        assert found is not None and expected[0].any()
+        assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
+        assert torch.equal(given[0], expected[0]) and torch.equal(given[1], expected[1])
+        for output in [(4 * h - 3, 4 * w - 1), (301, 197)]:
+            ours = proc.paste(soft[0], image, output)
+            theirs = proc.paste(soft[1], image, output)
+            assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+@pytest.mark.parametrize("rows", [1, 16, 40])
+def test_products_in_small_groups(rows, monkeypatch, one_thread):
+    """Groups of products cut to a few rows (one block each at most): the same areas, sums,
+    masks, intersections and probabilities."""
+    features, kernels, valid, blocks = _blob_case(12, (64, 80), (58, 68), 48, largest=0.3)
+    whole = blocks.score(kernels, valid, 0.5)
+    probs = blocks.probs(kernels, 0.5 - NEAR_MARGIN)
+    known = whole[2]
+    with_known = blocks.probs(kernels, 0.5 - NEAR_MARGIN, known)
+    monkeypatch.setattr(block_groups, "_GROUP_ROWS", rows)
+    grouped = blocks.score(kernels, valid, 0.5)
+    assert torch.equal(grouped[0], whole[0]) and torch.equal(grouped[1], whole[1])
+    assert torch.equal(grouped[2].dense(), whole[2].dense())
+    assert torch.equal(grouped[2].intersections(), whole[2].intersections())
+    for ours, theirs in zip(blocks.probs(kernels, 0.5 - NEAR_MARGIN), probs):
+        assert torch.equal(ours, theirs)
+    for ours, theirs in zip(blocks.probs(kernels, 0.5 - NEAR_MARGIN, known), with_known):
+        assert torch.equal(ours, theirs)
+    expected = _plain(features, kernels, _inside((64, 80), [(64, 80), (58, 68)]), 0.5)
+    _assert_valid_equal(grouped, expected, valid)
+
+
+def test_probs_with_known_blocks_compute_only_the_pixels_around_them(monkeypatch, one_thread):
+    """With the blocks kept by scoring, the kept masks' probabilities take products only for
+    blocks that scoring did not keep: its values are the ones written (a marker put in them
+    comes out), and far fewer blocks are computed than without them."""
+    features, kernels, valid, blocks = _blob_case(12, (64, 80), (58, 68), 48, largest=0.3)
+    known = blocks.score(kernels, valid, 0.5)[2]
+    computed = []
+    real = MaskBlocks._products
+
+    def products(self, kernels, pairs):
+        computed.append(pairs)
+        return real(self, kernels, pairs)
+
+    monkeypatch.setattr(MaskBlocks, "_products", products)
+    near = 0.5 - NEAR_MARGIN
+    alone = blocks.probs(kernels, near).probs
+    ours = blocks.probs(kernels, near, known).probs
+    assert ((ours == alone) | (ours == 0)).all() and ours.count_nonzero() > 1000
+    alone_pairs, known_pairs = computed
+    key = lambda p: (p[:, 0] * 48 + p[:, 1]) * 80 + p[:, 2]  # noqa: E731
+    kept = key(torch.stack([known.image, known.row, known.block], dim=1))
+    assert not torch.isin(key(known_pairs), kept).any()
+    assert known_pairs.shape[0] < alone_pairs.shape[0] // 2
+    # Known values marked (each changed, the same pixels above `near`) come out in their
+    # blocks, and only there.
+    v = known.values
+    marker = torch.where(v > near, v + 1, -1 - v)
+    marked = blocks.probs(kernels, near, known._replace(values=marker)).probs
+    (hb, wb), n = blocks.grid, kernels.shape[1]
+    rows, cols = block_masks._block_pixels(known.block, wb)
+    where = (known.image[:, None, None], known.row[:, None, None], rows, cols)
+    found, exact = marked.view(2, n, 64, 80)[where], alone.view(2, n, 64, 80)[where]
+    assert torch.equal(found, torch.where(exact > near, exact + 1, -1 - exact))
+    changed = (marked != ours).view(2, n, hb, BLOCK, wb, BLOCK).any(5).any(3).flatten(2)
+    assert changed.sum() == known.bits.shape[0]
+
+
+def test_probs_give_up_on_large_noisy_masks():
+    g = torch.Generator().manual_seed(9)
+    features = torch.randn(2, 16, 32, 40, generator=g)
+    kernels = 10 * torch.randn(2, 20, 16, generator=g)
+    assert MaskBlocks(features).probs(kernels, 0.5 - NEAR_MARGIN) is None
+
+
+def _compact_load(batch, num, mask_size, seed, classes=5, dim=16, objects=12):
+    """Head outputs where exactly `num` (cell, class) pairs per image pass the score threshold
+    and point NMS (cells of even row and column), with object-like masks (bench/benchmark.py's
+    compact load): each chosen cell's kernel picks one of `objects` elliptical blobs."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = [0] + torch.tensor([s * s for s in GRIDS]).cumsum(0).tolist()
+    even = torch.cat(
+        [
+            (o + torch.arange(0, s, 2)[:, None] * s + torch.arange(0, s, 2)).flatten()
+            for o, s in zip(offsets, GRIDS)
+        ]
+    )
+    flat_cate = torch.full((batch, offsets[-1], classes), -4.6)
+    flat_kernels = torch.zeros(batch, offsets[-1], dim)
+    for i in range(batch):
+        cells = torch.cat([even[torch.randperm(len(even), generator=g)] for _ in range(2)])[:num]
+        labels = torch.arange(num) // len(even) * 2 + torch.randint(3, (num,), generator=g)
+        score = 0.2 + 0.7 * torch.rand(num, generator=g)
+        flat_cate[i, cells, labels % classes] = torch.log(score / (1 - score))
+        flat_kernels[i, cells] = _blob_kernels(1, num, objects, dim, g)[0]
+    features = _blob_features(batch, mask_size, objects, dim, g, largest=0.3)
+    cate, kernels = [], []
+    for o, s in zip(offsets, GRIDS):
+        cate.append(flat_cate[:, o : o + s * s].transpose(1, 2).reshape(batch, -1, s, s))
+        kernels.append(flat_kernels[:, o : o + s * s].transpose(1, 2).reshape(batch, -1, s, s))
+    return cate, kernels, features
+
+
+def _heavy_load(batch, mask_size, seed, classes=5, dim=16):
+    """Random head outputs with large, noisy masks (random features, large kernels)."""
+    g = torch.Generator().manual_seed(seed)
+    cate = [torch.randn(batch, classes, s, s, generator=g) - 1 for s in GRIDS]
+    kernels = [10 * torch.randn(batch, dim, s, s, generator=g) for s in GRIDS]
+    return cate, kernels, torch.randn(batch, dim, *mask_size, generator=g)
+
+
+def _spy(monkeypatch):
+    """Record, per call of `MaskBlocks.score`, `MaskBlocks.probs` and the post-processor's
+    `paste_cropped`, whether the fast path computed the result (not None).
+
+    The maps of these tests are small, so their masks' crops cover more of them than in real
+    images: cropped pasting is taken up to half the map covered."""
+    monkeypatch.setattr(cropped_paste, "_DENSE_FRACTION", 0.5)
+    calls = {"score": [], "probs": [], "paste": []}
+
+    def spy(name, real):
+        def call(*args, **kwargs):
+            found = real(*args, **kwargs)
+            calls[name].append(found is not None)
+            return found
+
+        return call
+
+    monkeypatch.setattr(MaskBlocks, "score", spy("score", MaskBlocks.score))
+    monkeypatch.setattr(MaskBlocks, "probs", spy("probs", MaskBlocks.probs))
+    monkeypatch.setattr(pp, "paste_cropped", spy("paste", pp.paste_cropped))
+    return calls
+
+
+def _fast_and_plain(cate, kernels, features, sizes, outputs, **kwargs):
+    """Results of the fast and the plain post-processors (stride 4, extents from the sizes);
+    asserts that they are identical."""
+    extents = [(-(-h // 4), -(-w // 4)) for h, w in sizes]
+    results = []
+    for path in ["fast", "plain"]:
+        proc = SOLOv2PostProcessor(strides=STRIDES, mask_stride=4, inference_path=path, **kwargs)
+        results.append(proc(cate, kernels, features, extents, sizes, outputs))
+    for fast, plain in zip(*results):
+        assert fast.image_size == plain.image_size
+        assert torch.equal(fast.scores, plain.scores)
+        assert torch.equal(fast.pred_classes, plain.pred_classes)
+        assert torch.equal(fast.pred_masks, plain.pred_masks)
+        assert torch.equal(fast.pred_boxes.tensor, plain.pred_boxes.tensor)
+    return results[0]
+
+
+@pytest.mark.parametrize("outputs", [None, [(300, 400), (115, 135)]])
+@pytest.mark.parametrize("chunk_size,topk", [(256, 500), (50, 100)])
+def test_post_processor_fast_path_equals_the_plain_one(
+    outputs, chunk_size, topk, monkeypatch, one_thread
+):
+    """A compact load of 600 candidates per image: the fast scoring (and, at the input's size,
+    the cropped pasting) is taken and gives the plain path's detections, also where the pool
+    is cut to the top `pre_nms_topk` after other chunks than on the plain path."""
+    cate, kernels, features = _compact_load(2, 600, (64, 80), seed=1)
+    scores = torch.cat([pp.point_nms(c.sigmoid()).flatten(1) for c in cate], dim=1)
+    assert (scores > 0.1).sum(dim=1).tolist() == [600, 600]
+    sizes = [(256, 320), (230, 270)]  # mask extents 64 x 80 and 58 x 68
+    calls = _spy(monkeypatch)
+    found = _fast_and_plain(
+        cate, kernels, features, sizes, outputs or sizes, chunk_size=chunk_size,
+        pre_nms_topk=topk,
+    )
+    assert calls["score"] and all(calls["score"]) and calls["probs"] == [True]
+    assert calls["paste"] == ([True, True] if outputs is None else [])
+    assert all(len(r) > 20 for r in found)
+
+
+def test_post_processor_fast_path_on_channels_last_features(monkeypatch, one_thread):
+    cate, kernels, features = _compact_load(2, 300, (64, 80), seed=3)
+    features = features.contiguous(memory_format=torch.channels_last)
+    sizes = [(256, 320), (250, 300)]
+    calls = _spy(monkeypatch)
+    found = _fast_and_plain(cate, kernels, features, sizes, sizes)
+    assert all(calls["score"]) and calls["paste"] == [True, True]
+    assert all(len(r) > 20 for r in found)
+
+
+def test_post_processor_falls_back_to_the_plain_path_on_large_noisy_masks(
+    monkeypatch, one_thread
+):
+    cate, kernels, features = _heavy_load(2, (32, 40), seed=2)
+    sizes = [(128, 160), (100, 130)]
+    calls = _spy(monkeypatch)
+    found = _fast_and_plain(cate, kernels, features, sizes, sizes)
+    # A sample of the candidates already shows large masks: no chunk computes its bounds.
+    assert not any(calls["score"]) and not any(calls["probs"])
+    assert calls["paste"] and not any(calls["paste"])
+    assert all(len(r) > 20 for r in found)
+
+
+def test_post_processor_with_one_candidate_per_image(monkeypatch, one_thread):
+    """One candidate: both paths give each product at least 16 rows (a single row would take
+    another BLAS kernel, which rounds differently), so the results are the same."""
+    sizes = [(256, 320), (230, 270)]
+    extents = [(64, 80), (58, 68)]
+    calls = _spy(monkeypatch)
+    found = 0
+    for seed in range(10, 16):
+        cate, kernels, features = _compact_load(2, 1, (64, 80), seed=seed)
+        results = []
+        for path in ["fast", "plain"]:
+            proc = SOLOv2PostProcessor(strides=STRIDES, mask_stride=4, inference_path=path)
+            results.append(proc(cate, kernels, features, extents, sizes, sizes))
+        for fast, plain in zip(*results):
+            assert len(fast) == len(plain) <= 1
+            found += len(fast)
+            assert torch.equal(fast.scores, plain.scores)
+            assert torch.equal(fast.pred_classes, plain.pred_classes)
+            assert torch.equal(fast.pred_masks, plain.pred_masks)
+            assert torch.equal(fast.pred_boxes.tensor, plain.pred_boxes.tensor)
+    assert found >= 8
+    assert all(calls["score"]) and len(calls["score"]) == 6
+    assert all(calls["paste"]) and len(calls["paste"]) == 12
+
+
+def test_post_processor_with_chunks_of_both_paths(monkeypatch, one_thread):
+    """Compact masks on the first levels' cells and large, noisy ones on the last levels': the
+    pool holds masks of both paths (and is cut to the top `pre_nms_topk` across them)."""
+    cate, kernels, features = _compact_load(2, 600, (64, 80), seed=4)
+    g = torch.Generator().manual_seed(4)
+    for level in (3, 4):
+        cate[level] = torch.randn(cate[level].shape, generator=g)
+        kernels[level] = 10 * torch.randn(kernels[level].shape, generator=g)
+    sizes = [(256, 320), (230, 270)]
+    calls = _spy(monkeypatch)
+    # A sample of these candidates has mostly large masks: past it, each chunk decides.
+    monkeypatch.setattr(MaskBlocks, "pass_fraction", lambda *args: 0.0)
+    for topk in [500, 150]:
+        found = _fast_and_plain(
+            cate, kernels, features, sizes, sizes, chunk_size=32, pre_nms_topk=topk
+        )
+        assert all(len(r) > 20 for r in found)
+    assert True in calls["score"] and False in calls["score"]
+
+
+@needs_cuda
+def test_post_processor_fast_path_on_cuda(monkeypatch):
+    """`INFERENCE_PATH fast` on CUDA (TF32 off): the fast paths run there too and give the plain
+    CUDA path's instances, on the device."""
+    cate, kernels, features = _compact_load(2, 600, (64, 80), seed=4)
+    on_cuda = ([c.cuda() for c in cate], [k.cuda() for k in kernels], features.cuda())
+    sizes = [(256, 320), (230, 270)]
+    calls = _spy(monkeypatch)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    found = _fast_and_plain(*on_cuda, sizes, sizes)
+    assert all(r.pred_masks.is_cuda and len(r) > 20 for r in found)
+    assert any(calls["score"]) and any(calls["paste"])
