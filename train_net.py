@@ -21,6 +21,7 @@ checkpoint of another config) unless `--eval-incomplete-weights` is given.
 A resumed run (`--resume`) trains on the same batches as the uninterrupted run would have (see
 solov2_d2.data.train_loader), so its weights are the same.
 """
+import argparse
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ from detectron2.utils.logger import setup_logger
 
 from solov2_d2 import add_solov2_config
 from solov2_d2.checks import check_amp_device, check_dataset_classes, check_weights_are_local
+from solov2_d2.config import check_solver_config
 from solov2_d2.data import SOLOv2DatasetMapper, build_resumable_train_loader
 from solov2_d2.engine.checkpoint import SOLOv2Checkpointer
 from solov2_d2.engine.launch import create_ddp_model, launch
@@ -174,6 +176,7 @@ def setup(args):
     check_weights_are_local(cfg.MODEL.WEIGHTS)
     if not args.eval_only:
         check_amp_device(cfg)
+        check_solver_config(cfg)
     # Training ends with an evaluation on DATASETS.TEST.
     datasets = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
     check_dataset_classes(cfg.MODEL.SOLOV2.NUM_CLASSES, datasets)
@@ -200,12 +203,23 @@ def main(args):
     return trainer.train()
 
 
+def _process_count(text: str) -> int:
+    """--num-cpu-processes: an integer >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}; expected a number of processes >= 1")
+    return value
+
+
 def argument_parser():
     """detectron2's default arguments, plus --num-cpu-processes and --eval-incomplete-weights."""
     parser = default_argument_parser()
     parser.add_argument(
         "--num-cpu-processes",
-        type=int,
+        type=_process_count,
         default=0,
         help="number of CPU processes per machine for distributed training with the gloo "
         "backend (needs MODEL.DEVICE cpu); --num-gpus is ignored when this is set",
@@ -221,6 +235,10 @@ def argument_parser():
 
 def launch_main(args):
     """Run :func:`main` in the processes the arguments ask for."""
+    if args.num_cpu_processes < 0:  # the parser refuses it; arguments built in code may not
+        raise ValueError(
+            f"--num-cpu-processes {args.num_cpu_processes}; expected a number of processes >= 1."
+        )
     on_cpu = args.num_cpu_processes > 0
     if not on_cpu and args.num_gpus * args.num_machines > 1 and not torch.cuda.is_available():
         raise ValueError(

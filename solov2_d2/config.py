@@ -1,7 +1,10 @@
-"""SOLOv2 config keys (`cfg.MODEL.SOLOV2`) with the defaults of the paper and reference code."""
+"""SOLOv2 config keys (`cfg.MODEL.SOLOV2`) with the defaults of the paper and reference code, and
+checks of the config's values that name the key."""
+import math
+
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_solov2_config", "check_solov2_config"]
+__all__ = ["add_solov2_config", "check_solov2_config", "check_solver_config"]
 
 
 def add_solov2_config(cfg):
@@ -49,6 +52,10 @@ def add_solov2_config(cfg):
     _C.FOCAL_LOSS_GAMMA = 2.0
     _C.FOCAL_LOSS_WEIGHT = 1.0
     _C.DICE_LOSS_WEIGHT = 3.0
+    # Which (cell, instance) pairs the Dice loss averages over where instances share a cell:
+    # "all": the cell's kernel against each claiming instance's mask, as the references train;
+    # "last_owner": the last claiming instance only (the category target in both cases).
+    _C.MASK_LOSS_PAIRS = "all"
 
     # Inference.
     _C.SCORE_THRESH_TEST = 0.1
@@ -93,6 +100,11 @@ def check_solov2_config(cfg):
     if c.DCN_IN_TOWER not in ("none", "last", "all"):
         raise ValueError(
             f"MODEL.SOLOV2.DCN_IN_TOWER = {c.DCN_IN_TOWER!r}; expected 'none', 'last' or 'all'."
+        )
+    if c.MASK_LOSS_PAIRS not in ("all", "last_owner"):
+        raise ValueError(
+            f"MODEL.SOLOV2.MASK_LOSS_PAIRS = {c.MASK_LOSS_PAIRS!r}; expected 'all' or "
+            "'last_owner'."
         )
     if c.NMS_KERNEL not in ("gaussian", "linear"):
         raise ValueError(
@@ -151,3 +163,60 @@ def check_solov2_config(cfg):
             f"MODEL.PIXEL_STD = {list(std)}; expected {len(mean)} values > 0, one per value "
             f"of MODEL.PIXEL_MEAN = {list(mean)}."
         )
+
+
+def _require(ok: bool, key: str, value, expected: str):
+    if not ok:
+        raise ValueError(f"{key} = {value!r}; expected {expected}.")
+
+
+def check_solver_config(cfg):
+    """Raise ValueError naming the key and its value when a training setting (``SOLVER.*``,
+    ``TEST.EVAL_PERIOD``) would crash training after it started (``CHECKPOINT_PERIOD 0``:
+    ZeroDivisionError in fvcore after the first iteration; ``MAX_ITER 0``: an error of the LR
+    scheduler) or train meaninglessly (a negative learning rate, a batch of no images).
+
+    Checked: MAX_ITER, CHECKPOINT_PERIOD, IMS_PER_BATCH >= 1; BASE_LR, MOMENTUM, WEIGHT_DECAY,
+    WEIGHT_DECAY_NORM, WEIGHT_DECAY_BIAS (unless None), BIAS_LR_FACTOR, WARMUP_ITERS,
+    REFERENCE_WORLD_SIZE and TEST.EVAL_PERIOD >= 0 (finite); GAMMA > 0; WARMUP_FACTOR in
+    [0, 1]; WARMUP_METHOD "linear" or "constant"; with LR_SCHEDULER_NAME "WarmupMultiStepLR",
+    STEPS strictly increasing and each within (0, MAX_ITER): detectron2 ignores larger ones
+    (with a warning) and fvcore's scheduler refuses one equal to MAX_ITER.
+    """
+    s = cfg.SOLVER
+    for key in ("MAX_ITER", "CHECKPOINT_PERIOD", "IMS_PER_BATCH"):
+        _require(s[key] >= 1, f"SOLVER.{key}", s[key], "an integer >= 1")
+    non_negative = ["BASE_LR", "MOMENTUM", "WEIGHT_DECAY", "WEIGHT_DECAY_NORM", "BIAS_LR_FACTOR"]
+    non_negative += ["WARMUP_ITERS", "REFERENCE_WORLD_SIZE"]
+    if s.WEIGHT_DECAY_BIAS is not None:
+        non_negative.append("WEIGHT_DECAY_BIAS")
+    for key in non_negative:
+        _require(
+            math.isfinite(s[key]) and s[key] >= 0, f"SOLVER.{key}", s[key], "a finite value >= 0"
+        )
+    _require(
+        cfg.TEST.EVAL_PERIOD >= 0,
+        "TEST.EVAL_PERIOD",
+        cfg.TEST.EVAL_PERIOD,
+        "0 (evaluate only at the end) or a period >= 1",
+    )
+    _require(math.isfinite(s.GAMMA) and s.GAMMA > 0, "SOLVER.GAMMA", s.GAMMA, "a value > 0")
+    _require(
+        0 <= s.WARMUP_FACTOR <= 1, "SOLVER.WARMUP_FACTOR", s.WARMUP_FACTOR, "a value in [0, 1]"
+    )
+    _require(
+        s.WARMUP_METHOD in ("linear", "constant"),
+        "SOLVER.WARMUP_METHOD",
+        s.WARMUP_METHOD,
+        "'linear' or 'constant'",
+    )
+    if s.LR_SCHEDULER_NAME == "WarmupMultiStepLR":
+        steps = list(s.STEPS)
+        if any(not 0 < step < s.MAX_ITER for step in steps):
+            raise ValueError(
+                f"SOLVER.STEPS = {steps}: every step must lie within (0, SOLVER.MAX_ITER = "
+                f"{s.MAX_ITER}), or the learning rate never drops there. Scale the steps with "
+                "MAX_ITER, or give SOLVER.STEPS () for a constant learning rate."
+            )
+        if any(a >= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"SOLVER.STEPS = {steps}; expected strictly increasing iterations.")

@@ -10,6 +10,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from solov2_d2 import add_solov2_config
+from solov2_d2.config import check_solver_config
 
 
 def solov2_cfg():
@@ -93,3 +94,40 @@ def test_inference_path_reaches_the_post_processor(small_cfg):
     assert build_model(small_cfg).postprocessor.inference_path == "auto"
     small_cfg.merge_from_list(["MODEL.SOLOV2.INFERENCE_PATH", "plain"])
     assert build_model(small_cfg).postprocessor.inference_path == "plain"
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("SOLVER.CHECKPOINT_PERIOD", 0, r"SOLVER.CHECKPOINT_PERIOD = 0; expected an integer >= 1"),
+        ("SOLVER.MAX_ITER", 0, r"SOLVER.MAX_ITER = 0; expected an integer >= 1"),
+        ("SOLVER.IMS_PER_BATCH", 0, r"SOLVER.IMS_PER_BATCH = 0; expected an integer >= 1"),
+        ("SOLVER.BASE_LR", -0.01, r"SOLVER.BASE_LR = -0.01; expected a finite value >= 0"),
+        ("SOLVER.BASE_LR", float("nan"), r"SOLVER.BASE_LR = nan; expected a finite value"),
+        ("SOLVER.WARMUP_ITERS", -1, r"SOLVER.WARMUP_ITERS = -1; expected a finite value >= 0"),
+        ("SOLVER.WEIGHT_DECAY", -1e-4, r"SOLVER.WEIGHT_DECAY = -0.0001; expected a finite"),
+        ("SOLVER.WARMUP_FACTOR", 2.0, r"SOLVER.WARMUP_FACTOR = 2.0; expected a value in \[0, 1\]"),
+        ("SOLVER.WARMUP_METHOD", "cosine", r"SOLVER.WARMUP_METHOD = 'cosine'; expected 'linear'"),
+        ("SOLVER.GAMMA", 0.0, r"SOLVER.GAMMA = 0.0; expected a value > 0"),
+        ("TEST.EVAL_PERIOD", -5, r"TEST.EVAL_PERIOD = -5; expected 0 \(evaluate only at the end"),
+        ("SOLVER.STEPS", (100, 50), r"SOLVER.STEPS = \[100, 50\]; expected strictly increasing"),
+        ("SOLVER.STEPS", (0,), r"SOLVER.STEPS = \[0\]: every step must lie within \(0, SOLVER"),
+        ("SOLVER.STEPS", (500, 1000), r"STEPS = \[500, 1000\]: .*\(0, SOLVER.MAX_ITER = 1000\)"),
+    ],
+)  # fmt: skip
+def test_solver_values_that_would_crash_or_mislead_training_are_refused(key, value, message):
+    cfg = solov2_cfg()
+    cfg.merge_from_list(["SOLVER.MAX_ITER", 1000, "SOLVER.STEPS", (), key, value])
+    with pytest.raises(ValueError, match=message):
+        check_solver_config(cfg)
+
+
+def test_solver_defaults_and_edge_values_pass():
+    cfg = solov2_cfg()
+    check_solver_config(cfg)  # detectron2's defaults
+    cfg.merge_from_list(["SOLVER.MAX_ITER", 1, "SOLVER.STEPS", (), "SOLVER.BASE_LR", 0.0])
+    cfg.merge_from_list(["SOLVER.WARMUP_ITERS", 0, "TEST.EVAL_PERIOD", 0])
+    check_solver_config(cfg)
+    # The steps of a cosine schedule are not read.
+    cfg.merge_from_list(["SOLVER.LR_SCHEDULER_NAME", "WarmupCosineLR", "SOLVER.STEPS", (5,)])
+    check_solver_config(cfg)

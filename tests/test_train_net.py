@@ -17,7 +17,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from solov2_d2 import add_solov2_config
-from solov2_d2.engine.checkpoint import IncompleteWeightsError
+from solov2_d2.engine.checkpoint import IncompleteWeightsError, ResumeMismatchError
 
 sys.path.insert(0, str(REPO))
 import train_net  # noqa: E402
@@ -243,3 +243,75 @@ def test_the_optimizer_clips_the_norm_of_all_gradients_together(tmp_path):
     optimizer.step()
     total = torch.cat([p.grad.flatten() for p in params]).double().norm().item()
     assert total == pytest.approx(35.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD = 0; expected an integer"),
+        (["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER = 0; expected an integer >= 1"),
+        (["SOLVER.STEPS", "(10,)", "SOLVER.MAX_ITER", "5"], r"SOLVER.STEPS = \[10\]: every step"),
+        (["TEST.EVAL_PERIOD", "-1"], r"TEST.EVAL_PERIOD = -1; expected 0"),
+    ],
+)  # fmt: skip
+def test_solver_values_are_refused_before_training(tmp_path, opts, message):
+    with pytest.raises(ValueError, match=message):
+        train_net.main(_args(tmp_path, *opts))
+    assert not (tmp_path / "config.yaml").exists()  # refused before any setup
+
+
+@pytest.mark.parametrize("count", ["-1", "0"])
+def test_num_cpu_processes_below_one_is_refused_naming_the_flag(count, capsys):
+    with pytest.raises(SystemExit):
+        train_net.argument_parser().parse_args(["--num-cpu-processes", count])
+    assert f"argument --num-cpu-processes: {count}; expected a number of processes >= 1" in (
+        capsys.readouterr().err
+    )
+    args = train_net.argument_parser().parse_args([])
+    args.num_cpu_processes = -1  # arguments built in code
+    with pytest.raises(ValueError, match="--num-cpu-processes -1; expected a number"):
+        train_net.launch_main(args)
+
+
+def test_resuming_a_checkpoint_of_another_model_is_refused_naming_the_tensors(trained, tmp_path):
+    """A finished run's OUTPUT_DIR resumed with another MASK_DIM: nothing would be trained and
+    the evaluation would score random tensors, so it stops; the same checkpoint as MODEL.WEIGHTS
+    (fine-tuning) still loads what fits."""
+    out, _ = trained
+    for name in ("model_final.pth", "last_checkpoint"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    with pytest.raises(ResumeMismatchError) as e:
+        train_net.main(_args(tmp_path, "SOLVER.MAX_ITER", "2", "MODEL.SOLOV2.MASK_DIM", "64",
+                             resume=True))
+    message = str(e.value)
+    assert f"Cannot resume from {tmp_path}/model_final.pth, the last checkpoint in {tmp_path}" in (
+        message
+    )
+    assert "mask_head.conv_pred.weight ([64, 32, 1, 1] in the model, [32, 32, 1, 1]" in message
+    assert not (tmp_path / "inference").exists()  # nothing evaluated
+
+    args = _args(tmp_path / "finetune", "SOLVER.MAX_ITER", "2", "MODEL.SOLOV2.MASK_DIM", "64",
+                 "MODEL.WEIGHTS", str(out / "model_final.pth"))
+    trainer = train_net.Trainer(train_net.setup(args))
+    trainer.resume_or_load(resume=args.resume)
+    saved = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    loaded = trainer.model.state_dict()
+    assert trainer.start_iter == 0
+    assert torch.equal(loaded["backbone.fpn_output2.weight"], saved["backbone.fpn_output2.weight"])
+    assert loaded["mask_head.conv_pred.weight"].shape[0] == 64
+
+
+def test_a_random_file_as_weights_ends_with_our_message(tmp_path):
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(os.urandom(4096))
+    argv = tiny_fruit_argv(tmp_path / "out", "MODEL.WEIGHTS", str(weights), eval_only=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train_net.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ValueError: Cannot read {weights} as a checkpoint"), last
+    assert "weights_only" not in proc.stderr  # never the advice to load it unsafely

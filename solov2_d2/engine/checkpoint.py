@@ -5,15 +5,20 @@ Detectron2 loads what fits and logs the rest ("Skip loading parameter", "Some mo
 or buffers are not found"): right for fine-tuning (a backbone, a head for other classes), wrong
 for evaluation, which would silently score randomly initialised layers. Unreadable files end in
 torch's unpickling messages ("Memo value not found", a bare EOFError) without the file's name,
-and a ``last_checkpoint`` that is not text in a UnicodeDecodeError.
+and a ``last_checkpoint`` that is not text in a UnicodeDecodeError; a file that is not a
+checkpoint ends in torch's advice to load it with ``weights_only=False``, which would run any code
+the file holds. Resuming (``--resume``) from a checkpoint of the save folder that another config
+wrote would load what fits, skip the rest and go on from its iteration: a finished run then
+trains nothing and evaluates layers at their random initialisation.
 """
 import os
+import re
 from collections.abc import Mapping
 from typing import List, Optional
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["IncompleteWeightsError", "SOLOv2Checkpointer"]
+__all__ = ["IncompleteWeightsError", "ResumeMismatchError", "SOLOv2Checkpointer"]
 
 # Names listed in a message, at most.
 _SHOWN = 5
@@ -25,6 +30,31 @@ _OPT_IN = (
 
 class IncompleteWeightsError(ValueError):
     """The weights leave some of the model's parameters at their random initial values."""
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint to resume from does not fit the model (another config wrote it)."""
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """What torch's safe loader (``weights_only=True``) found, without its advice to load the
+    file unsafely."""
+    message = str(error)
+    if "weights_only" not in message:
+        return f"{type(error).__name__}: {message}".strip().rstrip(":")
+    found = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:\n\s*\n|$)", message, re.S)
+    detail = found.group(1) if found else ""
+    operand = re.match(r"Unsupported operand (\S+)", detail)
+    if operand:
+        return f"it is no pickle torch can read (unsupported pickle operand {operand.group(1)})"
+    global_ = re.match(r"Unsupported global: GLOBAL (\S+)", detail)
+    if global_:
+        return (
+            f"it holds an object of class {global_.group(1)}, which is not loaded: only "
+            "tensors and plain containers are (loading other objects could run code from the "
+            "file)"
+        )
+    return detail.split(". Please use")[0] or "torch's safe loader refused it"
 
 
 def _some(names: List[str]) -> str:
@@ -53,6 +83,7 @@ class SOLOv2Checkpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **kwargs)
         self.require_complete = require_complete
         self._loading: Optional[str] = None
+        self._resuming = False
 
     def get_checkpoint_file(self) -> str:
         try:
@@ -64,6 +95,17 @@ class SOLOv2Checkpointer(DetectionCheckpointer):
                 "name of a checkpoint into it (e.g. model_final.pth), or delete it to start "
                 "from MODEL.WEIGHTS."
             ) from e
+
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        """As detectron2's; resuming from the last checkpoint of the save folder also raises
+        :class:`ResumeMismatchError` when that checkpoint does not fit the model exactly (tensors
+        of other shapes, missing or unexpected tensors). Loading `path` (no resume) keeps the
+        partial loading of fine-tuning."""
+        self._resuming = resume and self.has_checkpoint()
+        try:
+            return super().resume_or_load(path, resume=resume)
+        finally:
+            self._resuming = False
 
     def load(self, path: str, checkpointables: Optional[List[str]] = None):
         if not path:
@@ -86,17 +128,20 @@ class SOLOv2Checkpointer(DetectionCheckpointer):
         try:
             checkpoint = super()._load_file(filename)
         except Exception as e:  # whatever torch or pickle raise for a file of another kind
+            # Torch's own message, chained, would end the traceback with its advice to load the
+            # file with weights_only=False: the reason is kept, the advice is not.
             raise ValueError(
                 f"Cannot read {filename} as a checkpoint (a Detectron2 .pth or .pkl file): "
-                f"{type(e).__name__}: {e}"
-            ) from e
+                f"{_unpickling_reason(e)}. Checkpoints of other SOLOv2 code bases are "
+                "converted with python -m solov2_d2.convert."
+            ) from None
         if not isinstance(checkpoint.get("model"), Mapping) or not checkpoint["model"]:
             raise ValueError(f"{filename} holds no model weights (its 'model' entry is empty).")
         return checkpoint
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
-        if not self.require_complete:
+        if not (self.require_complete or self._resuming):
             return incompatible
         wrong_shape = [
             f"{name} ({list(ours)} in the model, {list(theirs)} in the file)"
@@ -104,12 +149,25 @@ class SOLOv2Checkpointer(DetectionCheckpointer):
         ]
         reshaped = {name for name, _, _ in incompatible.incorrect_shapes}
         missing = [k for k in incompatible.missing_keys if k not in reshaped]
-        if wrong_shape or missing:
-            problems = []
-            if wrong_shape:
-                problems.append(f"{len(wrong_shape)} tensors of other shapes: {_some(wrong_shape)}")
-            if missing:
-                problems.append(f"{len(missing)} tensors missing: {_some(missing)}")
+        problems = []
+        if wrong_shape:
+            problems.append(f"{len(wrong_shape)} tensors of other shapes: {_some(wrong_shape)}")
+        if missing:
+            problems.append(f"{len(missing)} tensors missing: {_some(missing)}")
+        if self._resuming:
+            unexpected = list(incompatible.unexpected_keys)
+            if unexpected:
+                problems.append(f"{len(unexpected)} unexpected tensors: {_some(unexpected)}")
+            if problems:
+                raise ResumeMismatchError(
+                    f"Cannot resume from {self._loading}, the last checkpoint in {self.save_dir}: "
+                    f"it does not fit the model ({'; '.join(problems)}). It was written with "
+                    "another config (e.g. another MODEL.SOLOV2.MASK_DIM or NUM_CLASSES). Resume "
+                    "with the config of that run, or start this one in another OUTPUT_DIR (to "
+                    "fine-tune from it, give it as MODEL.WEIGHTS without --resume)."
+                )
+            return incompatible
+        if problems:
             raise IncompleteWeightsError(
                 f"{self._loading} does not fit the model ({'; '.join(problems)}). Those "
                 "parameters would keep their random initial values; check that the config "

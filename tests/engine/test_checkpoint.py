@@ -6,7 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from solov2_d2.engine.checkpoint import IncompleteWeightsError, SOLOv2Checkpointer
+from solov2_d2.engine.checkpoint import (
+    IncompleteWeightsError,
+    ResumeMismatchError,
+    SOLOv2Checkpointer,
+)
 
 
 def _model(classes=3):
@@ -60,3 +64,58 @@ def test_missing_tensors_are_refused_when_complete_weights_are_required(tmp_path
     SOLOv2Checkpointer(nn.Sequential(nn.Conv2d(3, 8, 3)), str(tmp_path)).save("backbone")
     with pytest.raises(IncompleteWeightsError, match=r"2 tensors missing: 1\.weight, 1\.bias"):
         SOLOv2Checkpointer(_model(), require_complete=True).load(str(tmp_path / "backbone.pth"))
+
+
+class _Unlisted:
+    """An object of a class outside torch, which the safe loader does not load."""
+
+
+@pytest.mark.parametrize("kind", ["random", "object"])
+def test_unreadable_weights_never_suggest_unsafe_loading(tmp_path, kind):
+    path = tmp_path / "model.pth"
+    if kind == "random":
+        path.write_bytes(os.urandom(4096))
+    else:
+        torch.save({"model": {"0.weight": torch.zeros(1)}, "state": _Unlisted()}, path)
+    with pytest.raises(ValueError) as e:
+        SOLOv2Checkpointer(_model()).load(str(path))
+    message = str(e.value)
+    assert message.startswith(f"Cannot read {path} as a checkpoint")
+    assert "weights_only" not in message and "arbitrary code" not in message
+    # Torch's message (with its advice to load unsafely) is not chained after ours.
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+    expected = "unsupported pickle operand" if kind == "random" else "_Unlisted, which is not"
+    assert expected in message
+
+
+def test_resuming_a_checkpoint_that_does_not_fit_is_refused(tmp_path):
+    SOLOv2Checkpointer(_model(classes=2), str(tmp_path)).save("model_final")
+    with pytest.raises(ResumeMismatchError) as e:
+        SOLOv2Checkpointer(_model(classes=3), str(tmp_path)).resume_or_load("", resume=True)
+    assert f"Cannot resume from {tmp_path}/model_final.pth, the last checkpoint in {tmp_path}" in (
+        str(e.value)
+    )
+    assert "2 tensors of other shapes: 1.weight ([3, 8, 1, 1] in the model, [2, 8, 1, 1]" in (
+        str(e.value)
+    )
+    # Unexpected tensors: a checkpoint of a larger model.
+    larger = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 3, 1), nn.Conv2d(3, 3, 1))
+    SOLOv2Checkpointer(larger, str(tmp_path)).save("model_final")
+    with pytest.raises(ResumeMismatchError, match=r"2 unexpected tensors: 2\.weight, 2\.bias"):
+        SOLOv2Checkpointer(_model(classes=3), str(tmp_path)).resume_or_load("", resume=True)
+    # The same file as weights to start from (fine-tuning) loads what fits, as before.
+    model = _model(classes=3)
+    SOLOv2Checkpointer(model, str(tmp_path / "new")).resume_or_load(
+        str(tmp_path / "model_final.pth"), resume=True
+    )
+    assert torch.equal(model[1].weight, larger[1].weight)
+
+
+def test_resuming_a_checkpoint_that_fits_loads_it(tmp_path):
+    source = _model()
+    SOLOv2Checkpointer(source, str(tmp_path)).save("model_0000004", iteration=4)
+    model = _model()
+    assert SOLOv2Checkpointer(model, str(tmp_path)).resume_or_load("", resume=True) == {
+        "iteration": 4
+    }
+    assert torch.equal(model[1].weight, source[1].weight)
