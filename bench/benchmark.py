@@ -59,8 +59,6 @@ from random_model import random_model_cfg  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from solov2_d2.inference import matrix_nms  # noqa: E402
-from solov2_d2.inference.cpu.int8_intersections import mask_intersections_float  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -345,13 +343,12 @@ def bench_postprocess(name, size, candidates, repeats, device) -> list:
         chosen = lambda: post(*args)  # noqa: E731
 
         def plain():
-            original, path = matrix_nms.mask_intersections, post.inference_path
-            matrix_nms.mask_intersections = mask_intersections_float
+            path = post.inference_path
             post.inference_path = "plain"
             try:
                 return post(*args)
             finally:
-                matrix_nms.mask_intersections, post.inference_path = original, path
+                post.inference_path = path
 
         ms = median_ms([plain, chosen], device, warmup=1, repeats=repeats)
         a, b = plain(), chosen()

@@ -115,8 +115,14 @@ def instances_with_masks(instances: Instances) -> Instances:
         return instances
     if len(instances) > 0:
         raise ValueError(
-            "SOLOv2 training needs instance masks: set MODEL.MASK_ON True so that "
-            "DatasetMapper keeps the 'segmentation' of each annotation."
+            f"SOLOv2 training needs instance masks, but an image of size {instances.image_size} "
+            f"has {len(instances)} instances and no masks. Either MODEL.MASK_ON is False: set "
+            "MODEL.MASK_ON True so that DatasetMapper keeps the 'segmentation' of each "
+            "annotation. Or the dataset gives annotations without 'segmentation' (DatasetMapper "
+            "makes masks only when the image's first annotation has one): give each annotation "
+            "a polygon or RLE segmentation. COCO json files registered with "
+            "solov2_d2.data.register_coco_instances, or used by train_net.py, are checked when "
+            "loaded and name such an annotation."
         )
     empty = torch.zeros((0, *instances.image_size), dtype=torch.bool)
     instances.gt_masks = BitMasks(empty.to(instances.gt_classes.device))

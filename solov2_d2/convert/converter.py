@@ -11,7 +11,7 @@ from .architecture import HeadSpec, ResNetSpec, detect_heads, detect_resnet
 from .checkpoint_io import load_state_dict, save_detectron2_checkpoint
 from .mapping import ConversionError, Renamed, fit_to_model, rename
 from .overrides import config_overrides, model_cfg, overrides_yaml, target_shapes
-from .sources import SOURCES, Source, guess_source
+from .sources import SOURCES, Source, guess_source, solov2_d2_names
 from .variants import (
     BASE_CONFIG,
     COCO_CLASSES,
@@ -57,6 +57,17 @@ class ConversionResult:
     def base_config(self) -> str:
         """The config file, relative to ``configs/``, to use as ``_BASE_``."""
         return self.variant.config_file if self.variant else BASE_CONFIG
+
+
+def _refuse_converted(names: List[str], what: str):
+    """Raise ConversionError when `names` are already this project's (see solov2_d2_names)."""
+    ours = solov2_d2_names(names)
+    if ours:
+        raise ConversionError(
+            f"{what} is already a solov2_d2 checkpoint (its tensors have this project's SOLOv2 "
+            f"names, e.g. {', '.join(ours[:2])}): there is nothing to convert. Use it as it is, "
+            "MODEL.WEIGHTS with the config it was trained or converted with."
+        )
 
 
 def _resolve_source(names: List[str], source: Optional[str]) -> Source:
@@ -122,8 +133,10 @@ def convert_state_dict(
         ``backbone.bottom_up.*`` is converted; the rest of the model keeps its initialisation.
     Raises:
         ConversionError: naming every tensor that cannot be mapped, is missing or has the wrong
-            shape, or every way the checkpoint differs from the requested config.
+            shape, or every way the checkpoint differs from the requested config; or saying
+            that the checkpoint is already in this project's format.
     """
+    _refuse_converted(list(state_dict), "The checkpoint")
     src = _resolve_source(list(state_dict), source)
     renamed = _rename(state_dict, src)
     notes = src.adjust(renamed) if src.adjust else []
@@ -218,7 +231,9 @@ def convert_checkpoint(
                 f"{written} is the source checkpoint {src}: converting would overwrite it. "
                 "Write the converted checkpoint to another file."
             )
-    result = convert_state_dict(load_state_dict(src), source, config)
+    state_dict = load_state_dict(src)
+    _refuse_converted(list(state_dict), src)
+    result = convert_state_dict(state_dict, source, config)
 
     base = os.path.abspath(os.path.join(configs_dir or CONFIGS_DIR, result.base_config))
     if not os.path.isfile(base):

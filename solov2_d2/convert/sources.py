@@ -14,6 +14,7 @@ outputs are copied row by row. The authors' SOLO counts a background class 0 in 
 (``num_classes=81``) but its category conv has only the 80 foreground outputs; a category conv
 of 81 outputs from that code base carries the background as row 0, which is dropped.
 """
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional, Tuple
 
@@ -27,7 +28,15 @@ from .rules import (
     torchvision_resnet_rules,
 )
 
-__all__ = ["InputStyle", "MSRA_INPUT", "SOURCES", "Source", "TORCHVISION_INPUT", "guess_source"]
+__all__ = [
+    "InputStyle",
+    "MSRA_INPUT",
+    "SOURCES",
+    "Source",
+    "TORCHVISION_INPUT",
+    "guess_source",
+    "solov2_d2_names",
+]
 
 
 @dataclass(frozen=True)
@@ -148,3 +157,17 @@ def guess_source(names: Iterable[str]) -> Optional[str]:
     if "conv1.weight" in names and has_prefix("layer1."):
         return "torchvision"
     return None
+
+
+# Names only this project's SOLOv2 has (AdelaiDet's are mask_head.convs_all_levels.*,
+# mask_head.conv_pred.{0,1}.* and ins_head.*_tower.<i>.weight with separate norm entries).
+_OURS = re.compile(
+    r"mask_head\.level_convs\.\d+\.\d+\.|mask_head\.conv_pred\.(weight|norm\.)"
+    r"|ins_head\.(cate|kernel)_tower\.\d+\.norm\."
+)
+
+
+def solov2_d2_names(names: Iterable[str]) -> List[str]:
+    """The names of `names` that only a checkpoint of this project's SOLOv2 (trained by
+    train_net.py or written by the converter) has: if there are any, it needs no conversion."""
+    return [n for n in names if _OURS.match(n)]

@@ -5,7 +5,9 @@ Register the datasets of this project, found under one root folder:
   hazelnuts, split by file: train = 0..13, val = 14..17 (fixed, so results stay comparable).
 * "coco_mini_train", "coco_mini_val": `<root>/coco_mini`, a COCO 2017 subset in COCO's own format,
   evaluated against its official json file; registered only when that folder exists, as it may
-  not be redistributed with the repository.
+  not be redistributed with the repository. It loads with the checks of
+  :func:`solov2_d2.data.coco.load_coco_instances` (duplicate ids refused, empty or inconsistent
+  boxes recomputed from the segmentation).
 
 The root is the `root` argument, else the environment variable SOLOV2_DATASETS, else
 `<repo>/datasets`, where `<repo>` is the folder that holds the `solov2_d2` package (the fruit
@@ -16,9 +18,9 @@ import functools
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 
+from .coco import register_coco_instances
 from .labelme import register_labelme_instances
 
 __all__ = [

@@ -13,13 +13,15 @@ Errors in the files are never passed on as data:
 * raise: an unreadable JSON file, a missing or ill-typed field, a missing image, a label outside
   the given class list, `imageHeight`/`imageWidth` that disagree with the image;
 * skip the shape, with a warning: an unsupported shape type, a polygon with fewer than 3 points,
-  a rectangle without exactly 2 points, a point more than 1 pixel outside the image, a polygon
-  that covers no pixel (judged by its rasterised area, as training rasterises it, so a
+  a rectangle without exactly 2 points, a point that is not finite (NaN or infinite, which
+  Python's json reads from NaN and Infinity), a point more than 1 pixel outside the image, a
+  polygon that covers no pixel (judged by its rasterised area, as training rasterises it, so a
   self-intersecting polygon whose signed areas cancel is kept);
 * fix silently: points at most 1 pixel outside the image (clicks on its border) are moved onto it.
 """
 import json
 import logging
+import math
 import os
 import re
 
@@ -229,6 +231,10 @@ def _shape_to_polygon(json_file, index, shape, height, width):
     elif len(points) < 3:
         logger.warning(f"{where}: skipped, a polygon needs 3 points, it has {len(points)}.")
         return None
+    for x, y in points:
+        if not (math.isfinite(x) and math.isfinite(y)):
+            logger.warning(f"{where}: skipped, point ({x}, {y}) is not finite (NaN or infinite).")
+            return None
     for x, y in points:
         tol = _BORDER_TOLERANCE
         if not (-tol <= x <= width + tol and -tol <= y <= height + tol):

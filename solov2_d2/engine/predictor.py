@@ -3,32 +3,50 @@
 Detectron2's :class:`DefaultPredictor` resizes the array before the model sees it, and fails
 there in ways that name nothing useful (uint16, int64 or bool arrays: NotImplementedError from
 torch's interpolation; a [C, H, W] array: a PIL TypeError; an empty array: ZeroDivisionError; a
-2-D array: "axes don't match array"), or runs without complaint on a float image in [0, 1],
-which the model sees as black.
+2-D array: "axes don't match array"; an image over 2 x ``INPUT.MAX_SIZE_TEST`` times longer
+than wide or the reverse: "height and width must be > 0"), or runs without complaint on a float
+image in [0, 1], which the model sees as black, and resizes a float image otherwise than the
+same picture as uint8 (without antialiasing), so that its detections differ.
 """
+from typing import Optional
+
 import numpy as np
 import torch
 
+import detectron2.data.transforms as T
 from detectron2.engine import DefaultPredictor
 
 from ..checks import check_finite_image
+from ..data.images import check_resizable
 from .checkpoint import SOLOv2Checkpointer
 
 __all__ = ["SOLOv2Predictor", "image_for_predictor"]
 
 
-def image_for_predictor(image: np.ndarray) -> np.ndarray:
+def image_for_predictor(
+    image: np.ndarray, resize: Optional[T.ResizeShortestEdge] = None
+) -> np.ndarray:
     """
     Check an image given to the predictor and convert it to what detectron2's resize takes.
 
     Accepted, as they are: [H, W, 3] (in ``INPUT.FORMAT`` order) or [H, W, 1], uint8.
     Converted: a 2-D [H, W] array to [H, W, 1] (grayscale, replicated by the model); an integer
-    array whose values all lie in 0..255 to uint8 (lossless); a float array with values in
-    0..255 to float32.
+    array whose values all lie in 0..255 to uint8 (lossless); a float array (any float dtype)
+    whose values are all integers in 0..255 to uint8 (lossless), so that the same picture gives
+    the same detections whatever its dtype; any other float array with values in [0, 255] to
+    float32, which detectron2 resizes with torch's bilinear interpolation without
+    antialiasing (uint8 images are resized by PIL, with it): close to, not the same as, the
+    uint8 path.
     Refused, with a message saying what to do: anything but a numpy array (TypeError); a bool
     array, an integer array with values outside 0..255 (e.g. 16-bit), a float array with values
     outside 0..255, NaN or inf, a float array in [0, 1], a [C, H, W] array, 4 or other numbers
-    of channels, an empty array (ValueError).
+    of channels, an empty array, and, given `resize`, an image it would shrink to 0 pixels on a
+    side (ValueError, giving the shape and the limit: see
+    :func:`~solov2_d2.data.images.check_resizable`).
+
+    Args:
+        image: the image, [H, W, 3], [H, W, 1] or [H, W].
+        resize: the predictor's resize (``INPUT.MIN_SIZE_TEST``, ``INPUT.MAX_SIZE_TEST``).
 
     Returns:
         np.ndarray [H, W, 3 or 1], uint8 or float32.
@@ -50,6 +68,8 @@ def image_for_predictor(image: np.ndarray) -> np.ndarray:
         raise ValueError(f"The image has shape {image.shape}; expected [H, W, 3]: {hint}.")
     if image.size == 0:
         raise ValueError(f"The image is empty: shape {image.shape}.")
+    if resize is not None:
+        check_resizable(image.shape, min(resize.short_edge_length), resize.max_size)
 
     if image.dtype == np.uint8:
         return image
@@ -68,8 +88,10 @@ def image_for_predictor(image: np.ndarray) -> np.ndarray:
             )
         return image.astype(np.uint8)
     if np.issubdtype(image.dtype, np.floating):
-        image = image.astype(np.float32, copy=False)
-        check_finite_image(torch.from_numpy(np.ascontiguousarray(image)), "The image")
+        check_finite_image(
+            torch.from_numpy(np.ascontiguousarray(image.astype(np.float32, copy=False))),
+            "The image",
+        )
         low, high = float(image.min()), float(image.max())
         if low < 0 or high > 255:
             raise ValueError(
@@ -82,7 +104,10 @@ def image_for_predictor(image: np.ndarray) -> np.ndarray:
                 "model would see as black: it expects pixel values in [0, 255]. Pass "
                 "image * 255."
             )
-        return image
+        # Tested in the array's own dtype: float32 would round e.g. 12.0000001 to 12.
+        if np.array_equal(image, np.floor(image)):
+            return image.astype(np.uint8)
+        return image.astype(np.float32, copy=False)
     raise ValueError(f"The image has dtype {image.dtype}; expected uint8.")
 
 
@@ -121,4 +146,4 @@ class SOLOv2Predictor(DefaultPredictor):
         Returns:
             {"instances": Instances} at the size of `original_image`.
         """
-        return super().__call__(image_for_predictor(original_image))
+        return super().__call__(image_for_predictor(original_image, self.aug))

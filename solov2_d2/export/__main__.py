@@ -16,7 +16,20 @@ from detectron2.modeling import build_model
 from ..checks import check_weights_are_local
 from ..config import add_solov2_config
 from ..engine.checkpoint import SOLOv2Checkpointer
-from .graph import DEFAULT_MAX_CANDIDATES, OPSET, export_onnx
+from .graph import DEFAULT_MAX_CANDIDATES, MIN_OPSET, OPSET, check_opset, export_onnx
+
+
+def _opset(text: str) -> int:
+    """--opset: an integer the export supports (argparse names the flag in its error)."""
+    try:
+        opset = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    try:
+        check_opset(opset)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return opset
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +55,10 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--opset", type=int, default=OPSET, help="ONNX opset (default: %(default)s)"
+        "--opset",
+        type=_opset,
+        default=OPSET,
+        help=f"ONNX opset, at least {MIN_OPSET} (default: %(default)s)",
     )
     parser.add_argument(
         "opts",
@@ -73,7 +89,7 @@ def main(argv=None) -> str:
     os.makedirs(args.output, exist_ok=True)
     path = os.path.join(args.output, "model.onnx")
     start = time.perf_counter()
-    export_onnx(model, path, max_candidates=args.max_candidates, opset=args.opset)
+    export_onnx(model, path, max_candidates=args.max_candidates, opset=args.opset, cfg=cfg)
     print(
         f"Wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, opset {args.opset}, at most "
         f"{args.max_candidates} candidates per image) in {time.perf_counter() - start:.0f} s.",

@@ -6,10 +6,14 @@ eager model's own code (`SOLOv2.network` and `SOLOv2PostProcessor.detect`) run o
 batch, with the candidates given a static count (`SOLOv2PostProcessor.fixed_candidates`).
 """
 import copy
-from typing import NamedTuple, Tuple
+import json
+import os
+from typing import Dict, NamedTuple, Tuple
 
 import torch
 from torch import nn
+
+from detectron2.data import MetadataCatalog
 
 from ..inference.pipeline import masks_to_boxes, point_nms
 from ..layers.deform_conv import ModulatedDeformConv2d
@@ -19,9 +23,12 @@ from ..modeling.meta_arch import SOLOv2, mask_extent
 __all__ = [
     "DEFAULT_MAX_CANDIDATES",
     "INPUT_NAMES",
+    "MIN_OPSET",
     "OUTPUT_NAMES",
     "ExportOutputs",
     "SOLOv2ExportModule",
+    "check_opset",
+    "config_metadata",
     "export_onnx",
     "require_export_packages",
 ]
@@ -31,6 +38,10 @@ __all__ = [
 DEFAULT_MAX_CANDIDATES = 1000
 # A current opset (ONNX 1.15, run by ONNX Runtime 1.17 and later).
 OPSET = 20
+# The lowest opset the export honours: torch's exporter writes opset 18 and converts the graph to
+# a lower one with ONNX's version converter, which fails on this graph (torch then catches the
+# error and keeps opset 18).
+MIN_OPSET = 18
 INPUT_NAMES = ("images", "image_sizes")
 OUTPUT_NAMES = ("scores", "classes", "masks", "boxes", "count", "num_candidates")
 
@@ -151,12 +162,50 @@ def require_export_packages(*names: str):
         )
 
 
+def check_opset(opset: int):
+    """Raise ValueError naming the lowest supported opset when `opset` is below it."""
+    if opset < MIN_OPSET:
+        raise ValueError(
+            f"opset {opset} is below {MIN_OPSET}, the lowest opset the export supports: "
+            f"torch's exporter cannot convert the graph to it. Use --opset {MIN_OPSET} or higher "
+            f"(default {OPSET})."
+        )
+
+
+def config_metadata(cfg) -> Dict[str, str]:
+    """What using the graph depends on beyond its tensors, from the config it was exported
+    with: the channel order of its input images (``INPUT.FORMAT``), the test sizes its runtime
+    resizes images to (``INPUT.MIN_SIZE_TEST``, ``MAX_SIZE_TEST``), and the names of its
+    ``MODEL.SOLOV2.NUM_CLASSES`` classes, when a dataset of ``DATASETS.TEST`` or ``TRAIN`` (in
+    that order) has as many ``thing_classes``.
+
+    Returns:
+        keys without the ``solov2.`` prefix -> values as text (the class names as JSON).
+    """
+    metadata = {
+        "input_format": cfg.INPUT.FORMAT,
+        "min_size_test": str(cfg.INPUT.MIN_SIZE_TEST),
+        "max_size_test": str(cfg.INPUT.MAX_SIZE_TEST),
+    }
+    for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) == cfg.MODEL.SOLOV2.NUM_CLASSES:
+            metadata["thing_classes"] = json.dumps(list(classes))
+            break
+    return metadata
+
+
+def _written_opset(proto) -> int:
+    return max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def export_onnx(
     model: SOLOv2,
     path: str,
     *,
     max_candidates: int = DEFAULT_MAX_CANDIDATES,
     opset: int = OPSET,
+    cfg=None,
 ) -> str:
     """Export `model` (pre-processing, network and post-processing) to the ONNX file `path`,
     with torch's `torch.export`-based exporter (`dynamo=True`).
@@ -164,17 +213,24 @@ def export_onnx(
     The graph's inputs and outputs are those of :class:`SOLOv2ExportModule`; the batch size and
     the padded image size (multiples of the size divisibility) are dynamic. The file's metadata
     (`metadata_props`) holds what a runtime needs to pad the inputs and paste the masks:
-    `solov2.size_divisibility`, `solov2.mask_stride`, `solov2.mask_thresh`, and the bound
-    `solov2.max_candidates`.
+    `solov2.size_divisibility`, `solov2.mask_stride`, `solov2.mask_thresh`, the bound
+    `solov2.max_candidates` and `solov2.num_classes`; with `cfg`, also what
+    :func:`config_metadata` gives: `solov2.input_format`, `solov2.min_size_test`,
+    `solov2.max_size_test` and `solov2.thing_classes` (a JSON list).
 
     Args:
         model: the model to export; put in eval mode.
         path: the output file (weights included).
         max_candidates: the graph's static bound on candidates per image.
-        opset: the ONNX opset.
+        opset: the ONNX opset, at least :data:`MIN_OPSET`.
+        cfg: the config the model was built from, or None.
     Returns:
         `path`.
+    Raises:
+        ValueError: for an opset below :data:`MIN_OPSET` (before exporting anything), or when
+            torch's exporter wrote another opset than `opset` (the file is then removed).
     """
+    check_opset(opset)
     require_export_packages("onnx", "onnxscript")
     import onnx
     from onnxscript.function_libs.torch_lib.ops.core import aten_sort
@@ -209,12 +265,22 @@ def export_onnx(
             custom_translation_table={torch.ops.aten.sort.stable: sort_stable},
         )
     proto = onnx.load(path)
-    metadata = {
+    written = _written_opset(proto)
+    if written != opset:
+        os.remove(path)
+        raise ValueError(
+            f"opset {opset} was asked for, but torch's exporter wrote opset {written}; nothing "
+            f"was written. Use an opset from {MIN_OPSET} (default {OPSET})."
+        )
+    metadata: Dict[str, object] = {
         "size_divisibility": divisibility,
         "mask_stride": model.mask_stride,
         "mask_thresh": module.postprocessor.mask_thresh,
         "max_candidates": max_candidates,
+        "num_classes": model.num_classes,
     }
+    if cfg is not None:
+        metadata.update(config_metadata(cfg))
     onnx.helper.set_model_props(proto, {f"solov2.{k}": str(v) for k, v in metadata.items()})
     onnx.save(proto, path)
     return path

@@ -1,16 +1,20 @@
 """An exported SOLOv2 run by ONNX Runtime, with the interfaces of detectron2's `DefaultPredictor`
 and of a model in inference (for the evaluators)."""
+import json
 import logging
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 import detectron2.data.transforms as T
+from detectron2.data import MetadataCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
 
 from ..engine.predictor import image_for_predictor
-from ..inference.pipeline import SOLOv2PostProcessor, detections_to_instances
+from ..inference.masks import paste_masks
+from ..inference.pipeline import detections_to_instances
 from ..modeling.meta_arch import mask_extent
 from .graph import INPUT_NAMES, OUTPUT_NAMES, require_export_packages
 
@@ -33,6 +37,12 @@ class OnnxPredictor:
     (:meth:`SOLOv2PostProcessor.paste`): upsampled by the mask stride, cropped to the image,
     resized to the output size (bilinear) and thresholded; boxes are the pasted masks' tight
     boxes.
+
+    The input format and test sizes are those the file records (the export's config); a config
+    with other values is refused (ValueError naming the key and both values), since its images
+    would be read in another channel order or at another size than the model was exported for.
+    Files exported before these were recorded use the config's values. The class names the file
+    records are in :attr:`thing_classes` and :attr:`metadata`.
     """
 
     def __init__(
@@ -44,7 +54,9 @@ class OnnxPredictor:
     ):
         """
         Args:
-            cfg: the config the model was exported from (its INPUT.* keys are used).
+            cfg: the config the model was exported from (its INPUT.FORMAT, MIN_SIZE_TEST and
+                MAX_SIZE_TEST must agree with the file's; its DATASETS.TEST gives the
+                metadata of files that record no class names).
             onnx_path: the exported file.
             providers: ONNX Runtime execution providers, in order of preference.
             session_options: `onnxruntime.SessionOptions` (e.g. thread counts), or None.
@@ -66,15 +78,46 @@ class OnnxPredictor:
                 f"{onnx_path} has no SOLOv2 metadata ({e.args[0]}): export the model with "
                 "python -m solov2_d2.export."
             ) from None
-        self.paster = SOLOv2PostProcessor(
-            strides=(), mask_stride=mask_stride, mask_thresh=mask_thresh
-        )
-        self.aug = T.ResizeShortestEdge(
-            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
-        )
-        self.input_format = cfg.INPUT.FORMAT
+        self.mask_stride, self.mask_thresh = mask_stride, mask_thresh
+        recorded = {
+            "INPUT.FORMAT": ("input_format", cfg.INPUT.FORMAT, str),
+            "INPUT.MIN_SIZE_TEST": ("min_size_test", cfg.INPUT.MIN_SIZE_TEST, int),
+            "INPUT.MAX_SIZE_TEST": ("max_size_test", cfg.INPUT.MAX_SIZE_TEST, int),
+        }
+        values = {}
+        for key, (name, given, kind) in recorded.items():
+            stored = metadata.get(f"solov2.{name}")
+            if stored is not None and kind(stored) != given:
+                raise ValueError(
+                    f"{onnx_path} was exported with {key} {kind(stored)!r}, but the config has "
+                    f"{key} {given!r}: give the config the model was exported with (or set "
+                    f"{key} {kind(stored)!r})."
+                )
+            values[key] = given if stored is None else kind(stored)
+        min_size, max_size = values["INPUT.MIN_SIZE_TEST"], values["INPUT.MAX_SIZE_TEST"]
+        self.aug = T.ResizeShortestEdge([min_size, min_size], max_size)
+        self.input_format = values["INPUT.FORMAT"]
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT = {self.input_format!r}; expected 'RGB' or 'BGR'.")
+        self.num_classes: Optional[int] = None
+        if "solov2.num_classes" in metadata:
+            self.num_classes = int(metadata["solov2.num_classes"])
+        # The class names of the export's datasets, or None (files exported before they were
+        # recorded, datasets without names).
+        self.thing_classes: Optional[List[str]] = None
+        if "solov2.thing_classes" in metadata:
+            self.thing_classes = json.loads(metadata["solov2.thing_classes"])
+        self._test_datasets = list(cfg.DATASETS.TEST)
+
+    @property
+    def metadata(self) -> Metadata:
+        """Dataset metadata to draw the predictions with: the config's first test dataset's
+        if its ``thing_classes`` are those the file records (or the file records none), else
+        metadata holding only the recorded ``thing_classes``."""
+        dataset = MetadataCatalog.get(self._test_datasets[0] if self._test_datasets else "__unused")
+        if self.thing_classes is None or dataset.get("thing_classes") == self.thing_classes:
+            return dataset
+        return Metadata(name="solov2_onnx", thing_classes=list(self.thing_classes))
 
     def __call__(self, original_image: np.ndarray) -> Dict[str, Instances]:
         """
@@ -84,7 +127,7 @@ class OnnxPredictor:
         Returns:
             {"instances": Instances} of size (H, W).
         """
-        original_image = image_for_predictor(original_image)
+        original_image = image_for_predictor(original_image, self.aug)
         height, width = original_image.shape[:2]
         if self.input_format == "RGB":
             original_image = original_image[:, :, ::-1]
@@ -97,10 +140,19 @@ class OnnxPredictor:
         """
         Args:
             batched_inputs: per image a dict with "image", [3, H_i, W_i] in INPUT.FORMAT at the
-                input size, and optionally "height", "width": the output size.
+                input size, and optionally "height", "width": the output size (positive).
         Returns:
-            per image, {"instances": Instances} of the output size.
+            per image, {"instances": Instances} of the output size; [] for no inputs.
         """
+        if len(batched_inputs) == 0:
+            return []
+        for i, x in enumerate(batched_inputs):
+            output_size = (x.get("height", 1), x.get("width", 1))
+            if min(output_size) < 1:
+                raise ValueError(
+                    f"Input {i}: output size {output_size[0]} x {output_size[1]} (\"height\", "
+                    "\"width\"); expected positive sizes, or leave them out for the input's size."
+                )
         images = [x["image"].float().numpy() for x in batched_inputs]
         sizes = np.array([x.shape[-2:] for x in images], dtype=np.int64)
         padded = [mask_extent(int(s), self.size_divisibility, 1) for s in sizes.max(axis=0)]
@@ -119,11 +171,11 @@ class OnnxPredictor:
                     "(export with a larger --max-candidates to keep them)."
                 )
             n = int(found["count"][i])
-            stride = self.paster.mask_stride
+            stride = self.mask_stride
             h_m, w_m = (mask_extent(s, self.size_divisibility, stride) for s in (h, w))
             soft = found["masks"][i, :n, :h_m, :w_m]
             output_size = (x.get("height", h), x.get("width", w))
-            masks, boxes = self.paster.paste(soft, (h, w), output_size)
+            masks, boxes = paste_masks(soft, (h, w), output_size, stride, self.mask_thresh)
             instances = detections_to_instances(
                 masks, found["scores"][i, :n], found["classes"][i, :n], boxes
             )

@@ -14,14 +14,17 @@ An empty mask has IoU 0 with every mask (the references divide 0 by 0 there). Th
 with decayed score >= ``score_thresh`` are kept, sorted by decayed score (stable), and cut to
 ``max_per_image``; ``pre_nms_topk`` keeps the top candidates by input score before all of this.
 
-Intersections are one matrix product of the 0/1 masks per image (:mod:`mask_intersections`),
-exact integer counts whatever the dtype the masks came from.
+Intersections are one matrix product of the 0/1 masks per image
+(:func:`.masks.mask_intersections`), exact integer counts whatever the dtype the masks came
+from, unless the caller gives them.
+The inference pipeline calls :func:`batched_matrix_nms` with the intersections its masks'
+computation gave.
 """
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .cpu.int8_intersections import mask_intersections
+from .masks import mask_intersections
 
 __all__ = ["MatrixNMSResult", "batched_matrix_nms", "matrix_nms", "matrix_nms_decay"]
 
@@ -48,7 +51,7 @@ class MatrixNMSResult(NamedTuple):
 
 
 def matrix_nms_decay(
-    masks: torch.Tensor,
+    masks: Optional[torch.Tensor],
     labels: torch.Tensor,
     valid: torch.Tensor,
     *,
@@ -59,8 +62,8 @@ def matrix_nms_decay(
     """Decay factors of candidates already sorted by descending score, per image.
 
     Args:
-        masks: [B, N, P] binary masks (bool or 0/1 of any dtype), pixels flattened; only its
-            not read when `intersections` is given.
+        masks: [B, N, P] binary masks (bool or 0/1 of any dtype), pixels flattened; not read
+            (and may be None) when `intersections` is given.
         labels: int64 [B, N].
         valid: bool [B, N]; invalid candidates neither decay nor are decayed.
         kernel: "gaussian" or "linear".
@@ -92,7 +95,7 @@ def matrix_nms_decay(
 
 
 def batched_matrix_nms(
-    masks: torch.Tensor,
+    masks: Optional[torch.Tensor],
     labels: torch.Tensor,
     scores: torch.Tensor,
     valid: torch.Tensor,
@@ -102,11 +105,13 @@ def batched_matrix_nms(
     score_thresh: float = 0.0,
     pre_nms_topk: int = -1,
     max_per_image: int = -1,
+    intersections: Optional[torch.Tensor] = None,
 ) -> MatrixNMSResult:
     """Matrix NMS of B images in one call, each image independent of the others.
 
     Args:
-        masks: [B, N, H, W] or [B, N, P] binary masks (bool or 0/1), candidates padded to N.
+        masks: [B, N, H, W] or [B, N, P] binary masks (bool or 0/1), candidates padded to N;
+            None when `intersections` is given.
         labels: int64 [B, N].
         scores: float [B, N], in any order.
         valid: bool [B, N], False for padding entries. They never decay another candidate and
@@ -115,6 +120,7 @@ def batched_matrix_nms(
         score_thresh: keep candidates whose decayed score is >= this.
         pre_nms_topk: if > 0, only the top `pre_nms_topk` candidates by score enter the NMS.
         max_per_image: if > 0, keep at most this many candidates per image.
+        intersections: float32 [B, N, N] pixel counts of the masks, where already known.
     Returns:
         :class:`MatrixNMSResult` of [B, K] tensors, K = N' or min(N', max_per_image) when
         max_per_image > 0, where N' = min(N, pre_nms_topk) when pre_nms_topk > 0 else N.
@@ -123,11 +129,18 @@ def batched_matrix_nms(
     order = sort_descending(scores, valid)
     if 0 < pre_nms_topk < order.shape[1]:
         order = order[:, :pre_nms_topk]
-    masks = masks.flatten(2)
-    cand_masks = masks.gather(1, order[:, :, None].expand(-1, -1, masks.shape[2]))
+    if intersections is None:
+        masks = masks.flatten(2)
+        cand_masks = masks.gather(1, order[:, :, None].expand(-1, -1, masks.shape[2]))
+        intersections = mask_intersections(cand_masks)
+    else:
+        rows = intersections.gather(1, order[:, :, None].expand(-1, -1, labels.shape[1]))
+        intersections = rows.gather(2, order[:, None, :].expand(-1, order.shape[1], -1))
     cand_labels = labels.gather(1, order)
     cand_valid = valid.gather(1, order)
-    decay = matrix_nms_decay(cand_masks, cand_labels, cand_valid, kernel=kernel, sigma=sigma)
+    decay = matrix_nms_decay(
+        None, cand_labels, cand_valid, kernel=kernel, sigma=sigma, intersections=intersections
+    )
     decayed = scores.gather(1, order) * decay
 
     kept = cand_valid & (decayed >= score_thresh)

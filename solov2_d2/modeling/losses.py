@@ -3,6 +3,8 @@
 Both compute in at least float32 whatever the inputs' dtype (autocast's float16 or bfloat16): a
 mask's sums exceed float16's range (65504) from 256 x 256 pixels on.
 """
+from typing import Optional
+
 import torch
 from fvcore.nn import sigmoid_focal_loss
 from torch.utils.checkpoint import checkpoint
@@ -46,31 +48,39 @@ def positive_cells_dice_loss(
     kernels: torch.Tensor,
     target_masks: torch.Tensor,
     matched: torch.Tensor,
+    cells: Optional[torch.Tensor] = None,
     eps: float = 1e-3,
     chunk_elements: int = 1 << 23,
 ) -> torch.Tensor:
-    """Mean Dice loss of the dynamic masks of all positive cells of a batch, in bounded memory.
+    """Mean Dice loss of the dynamic masks of a batch's positive (cell, instance) pairs, in
+    bounded memory.
 
-    The mask of cell k of image b has the logits of kernel `kernels[b, k]` applied to
-    `mask_features[b]` (:func:`dynamic_mask_logits`) and the target `target_masks[matched[b, k]]`.
-    Cells are taken in chunks of at most `chunk_elements` mask pixels, and each chunk is
+    Pair j of image b pairs cell `cells[b, j]` with instance `matched[b, j]` (skipped where -1):
+    its mask has the logits of kernel `kernels[b, cells[b, j]]` applied to `mask_features[b]`
+    (:func:`dynamic_mask_logits`) and the target `target_masks[matched[b, j]]`. A cell may
+    appear in several pairs (claimed by several instances, as
+    :meth:`SOLOv2Targets.mask_pairs` "all" gives them); the loss is the mean over all pairs.
+    With `cells` None, pair k is cell k: one instance per cell, `matched` [B, T].
+
+    Pairs are taken in chunks of at most `chunk_elements` mask pixels, and each chunk is
     recomputed in the backward pass (activation checkpointing): neither the logits of all
-    positive cells nor float copies of their targets are ever held, whatever their number.
+    pairs nor float copies of their targets are ever held, whatever their number.
 
-    One host synchronisation: the number of positive cells of each image, which sizes the
-    chunks.
+    One host synchronisation: the number of pairs of each image, which sizes the chunks.
 
     Args:
         mask_features: float [B, E, H, W].
         kernels: float [B, T, E * k * k], every cell's dynamic kernel.
         target_masks: bool (or float in [0, 1]) [M, H, W], the mask of each instance of the batch.
-        matched: int64 [B, T], each cell's index into `target_masks`; -1 for background.
+        matched: int64 [B, N], each pair's index into `target_masks`; -1 for no pair.
+        cells: int64 [B, N], each pair's index into the T cells of `kernels` (any value where
+            `matched` is -1); None: N = T and pair k is cell k.
         eps: of :func:`dice_loss`.
-        chunk_elements: the most mask pixels (cells x H x W) computed at a time.
+        chunk_elements: the most mask pixels (pairs x H x W) computed at a time.
     Returns:
-        scalar in at least float32. Without any positive cell, a zero that still reaches
-        `mask_features` and `kernels`, so every parameter gets a (zero) gradient and distributed
-        training stays in step.
+        scalar in at least float32 (sums in float32 whatever the inputs' dtype). Without any
+        pair, a zero that still reaches `mask_features` and `kernels`, so every parameter gets a
+        (zero) gradient and distributed training stays in step.
     """
     positive = matched >= 0
     counts = positive.sum(dim=1).tolist()  # the host synchronisation
@@ -78,15 +88,16 @@ def positive_cells_dice_loss(
     if num_positive == 0:
         return _at_least_float32(kernels.sum() + mask_features.sum()) * 0.0
     chunk = max(1, chunk_elements // mask_features[0, 0].numel())
-    # Each image's positive cells first, in cell order (the sort is stable).
+    # Each image's pairs first, in their order (the sort is stable).
     order = torch.argsort((~positive).to(torch.uint8), dim=1, stable=True)
+    instances = matched.gather(1, order)
+    cells = order if cells is None else cells.gather(1, order)
     total = 0.0
     # Per-image views, so that each chunk's gradient adds into its image's part only.
-    for features, image_kernels, image_matched, cells, count in zip(
-        mask_features.unbind(0), kernels.unbind(0), matched.unbind(0), order, counts
+    for features, image_kernels, image_cells, image_instances, count in zip(
+        mask_features.unbind(0), kernels.unbind(0), cells, instances, counts
     ):
-        cells = cells[:count]
-        selected, instances = image_kernels[cells], image_matched[cells]
+        selected, image_instances = image_kernels[image_cells[:count]], image_instances[:count]
         for start in range(0, count, chunk):
             part = slice(start, start + chunk)
             total = total + checkpoint(
@@ -94,7 +105,7 @@ def positive_cells_dice_loss(
                 features,
                 selected[part],
                 target_masks,
-                instances[part],
+                image_instances[part],
                 eps,
                 use_reentrant=False,
                 preserve_rng_state=False,

@@ -12,6 +12,7 @@ from detectron2.structures import ImageList, Instances
 
 from ..checks import check_finite_image, instances_with_masks
 from ..config import check_solov2_config
+from ..inference.cpu import CPUCandidateMasks
 from ..inference.pipeline import SOLOv2PostProcessor
 from ..layers.dynamic_conv import flatten_levels
 from .heads import SOLOv2InstanceHead, SOLOv2MaskHead
@@ -134,6 +135,7 @@ class SOLOv2(nn.Module):
         focal_gamma: float = 2.0,
         focal_weight: float = 1.0,
         dice_weight: float = 3.0,
+        mask_loss_pairs: str = "all",
         network_policy: Optional[NetworkPolicy] = None,
     ):
         """
@@ -151,6 +153,10 @@ class SOLOv2(nn.Module):
             pixel_mean, pixel_std: input normalisation, in the channel order of the input.
             focal_alpha, focal_gamma, focal_weight: category loss.
             dice_weight: weight of the mask (Dice) loss.
+            mask_loss_pairs: the (cell, instance) pairs the Dice loss averages over,
+                "all" (each instance on each cell it claims, as the references) or
+                "last_owner" (each positive cell with its category's instance only); see
+                :meth:`SOLOv2Targets.mask_pairs`.
             network_policy: how the network runs over an inference batch; None: chosen by
                 device at each call (:meth:`NetworkPolicy.for_device`).
         """
@@ -170,6 +176,11 @@ class SOLOv2(nn.Module):
         self.focal_gamma = focal_gamma
         self.focal_weight = focal_weight
         self.dice_weight = dice_weight
+        if mask_loss_pairs not in ("all", "last_owner"):
+            raise ValueError(
+                f"mask_loss_pairs = {mask_loss_pairs!r}; expected 'all' or 'last_owner'."
+            )
+        self.mask_loss_pairs = mask_loss_pairs
         self.network_policy = network_policy
         self.mask_stride = backbone.output_shape()[self.mask_in_features[0]].stride
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -211,7 +222,9 @@ class SOLOv2(nn.Module):
             "backbone": backbone,
             "ins_head": SOLOv2InstanceHead(cfg, [shapes[f] for f in c.INSTANCE_IN_FEATURES]),
             "mask_head": SOLOv2MaskHead(cfg, [shapes[f] for f in c.MASK_IN_FEATURES]),
-            "postprocessor": SOLOv2PostProcessor(cfg, mask_stride=mask_strides[0]),
+            "postprocessor": SOLOv2PostProcessor(
+                cfg, mask_stride=mask_strides[0], fast_masks=CPUCandidateMasks
+            ),
             "instance_in_features": c.INSTANCE_IN_FEATURES,
             "instance_resize_to": resize_to,
             "mask_in_features": c.MASK_IN_FEATURES,
@@ -225,6 +238,7 @@ class SOLOv2(nn.Module):
             "focal_gamma": c.FOCAL_LOSS_GAMMA,
             "focal_weight": c.FOCAL_LOSS_WEIGHT,
             "dice_weight": c.DICE_LOSS_WEIGHT,
+            "mask_loss_pairs": c.MASK_LOSS_PAIRS,
         }
 
     @property
@@ -340,11 +354,12 @@ class SOLOv2(nn.Module):
         padded_size,
         targets: Optional[SOLOv2Targets] = None,
     ) -> Dict[str, torch.Tensor]:
-        """Focal loss on every cell, Dice loss on the mask of every positive cell.
+        """Focal loss on every cell (over positive cells + 1), Dice loss on the mask of every
+        positive (cell, instance) pair chosen by `mask_loss_pairs` (mean over the pairs).
 
         Target assignment runs on the device without host synchronisation; the Dice loss
-        synchronises once (the number of positive cells per image) and computes the masks of
-        the positive cells in chunks of bounded memory (:func:`positive_cells_dice_loss`).
+        synchronises once (the number of pairs per image) and computes the masks of the pairs
+        in chunks of bounded memory (:func:`positive_cells_dice_loss`).
         Both losses are computed in float32 under autocast.
 
         Args:
@@ -366,8 +381,9 @@ class SOLOv2(nn.Module):
             self.focal_alpha,
             self.focal_gamma,
         )
+        pair_instances, pair_cells = targets.mask_pairs(self.mask_loss_pairs)
         loss_mask = positive_cells_dice_loss(
-            mask_features, flatten_levels(kernels), targets.masks, targets.matched
+            mask_features, flatten_levels(kernels), targets.masks, pair_instances, pair_cells
         )
         return {
             "loss_cate": loss_cate * self.focal_weight,

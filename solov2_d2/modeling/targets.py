@@ -6,7 +6,7 @@ nothing but tensor shapes; masks rasterised from polygons on the host reach the 
 pinned memory, asynchronously.
 """
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,18 +21,49 @@ class SOLOv2Targets:
     """Targets of a batch of B images over all T = sum(S_l^2) grid cells (levels concatenated,
     each level's cells in row-major order).
 
+    A cell may be claimed by several instances of its image. Its category target is the class
+    of the instance listed last (`labels`, `matched`), as in the reference implementations;
+    for the mask loss the references pair the cell's kernel with each claiming instance's mask
+    (`pair_cells`, `pair_instances`: one pair per instance and cell it claims).
+
     Attributes:
         labels: int64 [B, T]; the class of each cell's instance, `num_classes` for background.
-        matched: int64 [B, T]; index of each cell's instance into the batch's instances
-            (images concatenated in order), -1 for background.
+        matched: int64 [B, T]; index of each cell's instance (the last claiming one) into the
+            batch's instances (images concatenated in order), -1 for background.
         masks: bool [M, H/stride, W/stride]; the mask target of each of the M instances, at
-            the mask feature's resolution. Cells refer to it through `matched` (no per-cell
-            copies); the loss converts the masks it needs to float a chunk at a time.
+            the mask feature's resolution. Cells refer to it through `matched` and
+            `pair_instances` (no per-cell copies); the loss converts the masks it needs to float
+            a chunk at a time.
+        pair_cells: int64 [B, N]; per image, the cell (index into its T cells) of each
+            (instance, cell) pair: every cell every instance of the image claims, instance by
+            instance; -1 pads the rows to the same N (9 cells per level at most per instance).
+        pair_instances: int64 [B, N]; the instance (index into `masks`) of each pair, -1 where
+            `pair_cells` is -1.
     """
 
     labels: torch.Tensor
     matched: torch.Tensor
     masks: torch.Tensor
+    pair_cells: torch.Tensor
+    pair_instances: torch.Tensor
+
+    def mask_pairs(self, which: str = "all") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The (cell, instance) pairs the mask loss is computed for, as the `matched` and
+        `cells` arguments of :func:`~solov2_d2.modeling.losses.positive_cells_dice_loss`.
+
+        Args:
+            which: "all": every instance on every cell it claims, as the reference
+                implementations train (a cell claimed by two instances gives two pairs);
+                "last_owner": each positive cell with its last claiming instance only.
+        Returns:
+            (instances int64 [B, N], cells int64 [B, N]) for "all"; (`matched` [B, T], None:
+            pair k is cell k) for "last_owner".
+        """
+        if which == "all":
+            return self.pair_instances, self.pair_cells
+        if which == "last_owner":
+            return self.matched, None
+        raise ValueError(f"Mask loss pairs {which!r}: expected 'all' or 'last_owner'.")
 
 
 def instance_masks(
@@ -139,12 +170,19 @@ def _level_claims(
     half_w: torch.Tensor,
     padded_size: Tuple[int, int],
     grid: int,
-) -> torch.Tensor:
-    """bool [M, S, S]: the cells each instance claims on a level with an S x S grid.
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The cells each of M instances claims on a level with an S x S grid.
 
     The centre cell is the one containing the centre of mass; the claimed region is the box of
     the given half-extents around the centre, in cells, clipped to the centre cell's 3 x 3
     neighbourhood.
+
+    Args:
+        cy, cx, half_h, half_w: float64 [M], centres of mass and half-extents in pixels.
+    Returns:
+        int64 [M, 9]: the 3 x 3 neighbourhood of each centre cell in row-major order, as
+        indices row * S + col into the level's cells, -1 where not claimed; bool [M, 9]: which
+        are claimed.
     """
     cell_h = padded_size[0] / grid
     cell_w = padded_size[1] / grid
@@ -154,10 +192,14 @@ def _level_claims(
     bottom = torch.minimum(torch.floor((cy + half_h) / cell_h).clamp(max=grid - 1), row + 1)
     left = torch.maximum(torch.floor((cx - half_w) / cell_w).clamp(min=0), col - 1)
     right = torch.minimum(torch.floor((cx + half_w) / cell_w).clamp(max=grid - 1), col + 1)
-    cells = torch.arange(grid, device=cy.device, dtype=cy.dtype)
-    rows_in = (cells >= top[:, None]) & (cells <= bottom[:, None])  # [M, S]
-    cols_in = (cells >= left[:, None]) & (cells <= right[:, None])  # [M, S]
-    return rows_in[:, :, None] & cols_in[:, None, :]
+    steps = torch.arange(-1, 2, device=cy.device, dtype=cy.dtype)
+    rows = row[:, None] + steps  # [M, 3]
+    cols = col[:, None] + steps  # [M, 3]
+    rows_in = (rows >= top[:, None]) & (rows <= bottom[:, None])
+    cols_in = (cols >= left[:, None]) & (cols <= right[:, None])
+    claimed = (rows_in[:, :, None] & cols_in[:, None, :]).flatten(1)
+    cells = (rows[:, :, None] * grid + cols[:, None, :]).flatten(1).long()
+    return torch.where(claimed, cells, -1), claimed
 
 
 def assign_targets(
@@ -174,8 +216,10 @@ def assign_targets(
     Per level, an instance takes part if sqrt(box area) lies in the level's scale range
     (bounds included; ranges overlap, so it may be positive on two levels). Its positive cells
     are given by :func:`_level_claims`. When instances of one image claim the same cell, the
-    one listed last wins, as in the reference implementations. Instances with an empty mask are
-    not assigned (their centre is undefined).
+    cell's category target is the class of the one listed last, as in the reference
+    implementations; they also train the cell's kernel towards the mask of every claiming
+    instance, hence the (instance, cell) pairs of :class:`SOLOv2Targets`. Instances with an
+    empty mask are not assigned (their centre is undefined).
 
     Args:
         gt_instances: per image, with `gt_boxes` (input pixels), `gt_classes` and `gt_masks`.
@@ -204,22 +248,37 @@ def assign_targets(
     half_h = 0.5 * sigma * heights
     instance_ids = torch.arange(len(labels), device=device)
 
-    matched = []
+    cells, claimed, num_cells = [], [], 0
     for grid, (low, high) in zip(num_grids, scale_ranges):
         active = (scale >= low) & (scale <= high) & (area > 0)
-        claims = _level_claims(cy, cx, half_h, half_w, padded_size, grid)
-        claims = claims.view(-1, grid * grid) & active[:, None]
-        # Instances are ordered image by image, so the largest claiming index of an image is
-        # the one listed last for it.
-        candidate = torch.where(claims, instance_ids[:, None], -1)
-        owner = torch.full((num_images, grid * grid), -1, dtype=torch.long, device=device)
-        owner.scatter_reduce_(
-            0, image_index[:, None].expand_as(candidate), candidate, reduce="amax"
-        )
-        matched.append(owner)
-    matched = torch.cat(matched, dim=1)
+        level_cells, level_claimed = _level_claims(cy, cx, half_h, half_w, padded_size, grid)
+        cells.append(level_cells + num_cells)
+        claimed.append(level_claimed & active[:, None])
+        num_cells += grid * grid
+    claimed = torch.cat(claimed, dim=1)  # [M, P], P = 9 cells x levels
+    cells = torch.where(claimed, torch.cat(cells, dim=1), -1)
+    instances = torch.where(claimed, instance_ids[:, None], -1)
+    # Owner of each cell: the largest claiming index of its image, i.e. the one listed last
+    # (instances are ordered image by image). Unclaimed slots go to an extra, dropped entry.
+    slots = torch.where(claimed, image_index[:, None] * num_cells + cells, num_images * num_cells)
+    owner = torch.full((num_images * num_cells + 1,), -1, dtype=torch.long, device=device)
+    owner.scatter_reduce_(0, slots.flatten(), instances.flatten(), reduce="amax")
+    matched = owner[:-1].view(num_images, num_cells)
+    # Each image's pairs, instance by instance, padded with -1 to the longest image's.
+    counts = [len(x) for x in gt_instances]
+    width = max(counts) * claimed.shape[1]
+    pairs, start = [], 0
+    for count in counts:
+        part = torch.stack([cells[start : start + count], instances[start : start + count]])
+        pairs.append(F.pad(part.flatten(1), (0, width - part[0].numel()), value=-1))
+        start += count
+    pair_cells, pair_instances = torch.stack(pairs, dim=1)
     # Index -1 (background) picks the appended background label.
     cell_labels = torch.cat([labels, labels.new_full((1,), num_classes)])[matched]
     return SOLOv2Targets(
-        labels=cell_labels, matched=matched, masks=downsample_masks(masks, mask_stride)
+        labels=cell_labels,
+        matched=matched,
+        masks=downsample_masks(masks, mask_stride),
+        pair_cells=pair_cells,
+        pair_instances=pair_instances,
     )

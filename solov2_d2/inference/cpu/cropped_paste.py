@@ -3,25 +3,21 @@ is upsampled only around the pixels that can pass the threshold.
 
 An upsampled pixel is a convex combination of its (at most 4) neighbours in the mask, so it can
 pass the threshold only next to a mask pixel within a small margin of it; everywhere else it is
-False. Each mask is upsampled over a crop of the mask map with 2 pixels around those: inside the
-crop, bilinear upsampling by an integer factor computes the same coordinates and weights as over
-the whole map (the crop starts at a multiple of the factor, a power of two), so the pasted masks
-equal the plain path's.
+False. Each mask is upsampled over a crop of the mask map with `REACH` pixels around those:
+inside the crop, bilinear upsampling by an integer factor computes the same coordinates and
+weights as over the whole map (the crop starts at a multiple of the factor, a power of two), so
+the pasted masks equal the plain path's.
 """
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..boxes import first_last, masks_to_boxes
-from .fresh_zeros import fresh_zeros
+from ..masks import first_last, masks_to_boxes
+from .blocks import CROP_FRACTION, NEAR_MARGIN, REACH
 
-__all__ = ["NEAR_MARGIN", "paste_cropped"]
+__all__ = ["paste_cropped"]
 
-# Mask pixels this far below the threshold cannot produce an upsampled value above it.
-NEAR_MARGIN = 1e-3
-# Above this fraction of the map covered by the crops, upsampling everything is cheaper.
-_DENSE_FRACTION = 0.125
 # Outputs of at most this many pixels are written through int32 positions.
 _INT32_POSITIONS = torch.iinfo(torch.int32).max
 
@@ -56,14 +52,16 @@ def paste_cropped(
     x0, x1 = first_last(cols)
     # An empty mask gets a crop of one pixel.
     empty = ~rows.any(dim=1)
-    top, bottom = (y0 - 2).clamp(min=0), (y1 + 3).clamp(max=h_m).masked_fill(empty, 1)
-    left, right = (x0 - 2).clamp(min=0), (x1 + 3).clamp(max=w_m).masked_fill(empty, 1)
+    top = (y0 - REACH).clamp(min=0)
+    bottom = (y1 + REACH + 1).clamp(max=h_m).masked_fill(empty, 1)
+    left = (x0 - REACH).clamp(min=0)
+    right = (x1 + REACH + 1).clamp(max=w_m).masked_fill(empty, 1)
     top, left = top.masked_fill(empty, 0), left.masked_fill(empty, 0)
     heights, widths = bottom - top, right - left
-    if int((heights * widths).sum()) > _DENSE_FRACTION * num * h_m * w_m:
+    if int((heights * widths).sum()) > CROP_FRACTION * num * h_m * w_m:
         return None
     height, width = image_size
-    masks = fresh_zeros((num, height, width), torch.bool, soft.device)
+    masks = torch.zeros((num, height, width), dtype=torch.bool, device=soft.device)
     boxes = soft.new_zeros((num, 4))
     order = (heights * widths).argsort()
     arange = lambda n: torch.arange(n, device=soft.device)  # noqa: E731

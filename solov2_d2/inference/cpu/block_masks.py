@@ -1,43 +1,216 @@
-"""The CPU's fast path for candidate masks: only the blocks of pixels where a mask can pass the
-threshold are computed.
+"""The CPU's faster computation of the candidate masks, with the plain results: only the blocks
+of pixels where a mask can pass the threshold are computed.
 
 Steps 3-6 of post-processing need, per candidate, its binary mask (probability > threshold), its
 area, the sum of its probabilities inside it and its intersections with other masks; pixels
 below the threshold count in none of them. `MaskBlocks` cuts an image's mask features into blocks
-of 8 x 8 pixels and bounds every candidate's logit over each block by the interval bound: each
-channel at its most favourable value in the block (`BlockBounds`, which rules out most pairs on
-super-blocks first). Only the (candidate, block) pairs whose bound reaches the threshold are
-computed, by matrix products grouped by block, and the binary masks stay in that form
-(`BlockBits`, with the blocks' probabilities) through Matrix NMS. The kept masks' probabilities
-for pasting then need products only where a pixel within `REACH` of one near the threshold lies
-outside those blocks. Where many pairs may pass (large masks), the methods return None and the
-caller computes every pixel.
+of 8 x 8 pixels and bounds every candidate's logit over each block (`BlockBounds`). Only the
+(candidate, block) pairs whose bound reaches the threshold are computed, by matrix products
+grouped by block, and the binary masks stay in that form (`BlockBits`, with the blocks'
+probabilities) through Matrix NMS. The kept masks' probabilities for pasting then need products
+only where a pixel within `REACH` of one near the threshold lies outside those blocks. Where
+many pairs may pass (large masks), the methods return None and the plain computation runs.
 
 The results are the plain path's: the logits are the same float32 dot products (each product has
 at least 16 candidates, laid out as the plain path's), areas and intersections are integer
 counts and probability sums are exact in float64 whatever their order.
+
+`CPUCandidateMasks` puts these, int8 mask intersections and cropped pasting
+(:mod:`.cropped_paste`) behind the interface of :class:`~..masks.CandidateMasks`.
 """
+import functools
 import math
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .block_bounds import BlockBounds
-from .block_groups import groups_by_key
-from .buffers import Scratch
-from .fresh_zeros import fresh_zeros
+from ..masks import CandidateMasks, KeptMasks, ScoredMasks
+from .blocks import (
+    BLOCK,
+    BLOCKS_LEAST_WORK,
+    CROP_LEAST_WORK,
+    DENSE_FRACTION,
+    NEAR_MARGIN,
+    REACH,
+    BlockBounds,
+    Buffer,
+    groups_by_key,
+)
+from .cropped_paste import paste_cropped
 
-__all__ = ["BLOCK", "REACH", "BlockBits", "KeptProbs", "MaskBlocks"]
+__all__ = ["BlockBits", "CPUCandidateMasks", "MaskBlocks", "dense_intersections"]
 
-BLOCK = 8
-# Above this fraction of (candidate, block) pairs that may pass, computing every pixel is cheaper.
-DENSE_FRACTION = 0.25
-# The kept masks' probabilities are exact this far around their pixels near the threshold: an
-# output pixel of upsampling then resizing (both bilinear) reads its mask pixels within 2.
-REACH = 2
 # Scoring keeps its blocks' probabilities while they take at most this much memory per chunk.
 _VALUES_MAX_BYTES = 1 << 26
+# Cropped pasting pads a chunk's crops to their largest size: smaller chunks pad less.
+_CROP_CHUNK_BYTES = 1 << 22
+# Candidates whose bounds decide at once whether scoring may take the blocks.
+_SAMPLE = 64
+
+
+class CPUCandidateMasks(CandidateMasks):
+    """Candidate masks computed block by block on the CPU (`MaskBlocks`), intersected in int8
+    where torch offers it and pasted around their pixels near the threshold, with the plain
+    computation's results.
+
+    Each step falls back to the plain computation where most of its work may pass the
+    threshold (large masks) and, unless `force`, where the work is too small for it to pay;
+    `paths` records what each step took.
+
+    Args:
+        mask_features, inside, mask_thresh, mask_stride, chunk_size: as `CandidateMasks`.
+        kernels: float32 [B, K, D], the kernels of all the batch's candidates (a sample of them
+            decides whether scoring takes the blocks); valid: bool [B, K].
+        force: take every fast path whatever the work.
+    """
+
+    def __init__(
+        self,
+        mask_features: torch.Tensor,
+        inside: Optional[torch.Tensor],
+        mask_thresh: float,
+        mask_stride: int,
+        chunk_size: int,
+        *,
+        kernels: torch.Tensor,
+        valid: torch.Tensor,
+        force: bool = False,
+    ):
+        super().__init__(mask_features, inside, mask_thresh, mask_stride, chunk_size)
+        self.force = force
+        self.blocks = self._mask_blocks(kernels, valid)
+        if self.blocks is not None:
+            # Blocks hold at most bool masks where the plain computation holds float32
+            # probabilities: four times the candidates at once.
+            self.scoring_chunk_size = 4 * chunk_size
+
+    @classmethod
+    def choose(
+        cls,
+        mask_features: torch.Tensor,
+        inside: Optional[torch.Tensor],
+        mask_thresh: float,
+        mask_stride: int,
+        chunk_size: int,
+        *,
+        kernels: torch.Tensor,
+        valid: torch.Tensor,
+        force: bool = False,
+    ) -> CandidateMasks:
+        """This computation, or the plain one where `force` is False and the masks are not on
+        the CPU or are being exported (a graph holds the plain computation)."""
+        args = (mask_features, inside, mask_thresh, mask_stride, chunk_size)
+        on_cpu = mask_features.device.type == "cpu" and not torch.compiler.is_exporting()
+        if not (force or on_cpu):
+            return CandidateMasks(*args)
+        return cls(*args, kernels=kernels, valid=valid, force=force)
+
+    def _mask_blocks(self, kernels: torch.Tensor, valid: torch.Tensor) -> Optional["MaskBlocks"]:
+        """`MaskBlocks` of the batch, or None where scoring should take the plain computation:
+        kernels larger than 1 x 1, too little work, or most blocks of a sample of the candidates
+        may pass (large masks: the chunks would take the plain computation after bounding)."""
+        features = self.mask_features
+        work = kernels.shape[1] * features.shape[2] * features.shape[3]
+        if kernels.shape[2] != features.shape[1] or not (self.force or work >= BLOCKS_LEAST_WORK):
+            return None
+        blocks = MaskBlocks(features, self.inside)
+        step = max(1, kernels.shape[1] // _SAMPLE)
+        sample, in_sample = kernels[:, ::step], valid[:, ::step]
+        if blocks.pass_fraction(sample, in_sample, self.mask_thresh) > DENSE_FRACTION:
+            return None
+        return blocks
+
+    def score(self, kernels: torch.Tensor, valid: torch.Tensor) -> ScoredMasks:
+        if self.blocks is None:
+            return super().score(kernels, valid)
+        found = self.blocks.score(kernels, valid, self.mask_thresh)
+        if found is not None:
+            self._took("scoring", "blocks")
+            areas, sums, bits = found
+            return ScoredMasks(areas.float(), sums.float(), bits)
+        # Most pixels of this chunk may pass: the plain computation, `chunk_size` at a time.
+        size = self.chunk_size
+        parts = [
+            super(CPUCandidateMasks, self).score(kernels[:, i : i + size], valid[:, i : i + size])
+            for i in range(0, kernels.shape[1], size)
+        ]
+        return ScoredMasks(*(torch.cat(x, dim=1) for x in zip(*parts)))
+
+    def cat(self, parts: List):
+        if all(isinstance(p, BlockBits) for p in parts):
+            return BlockBits.cat(parts)
+        return super().cat([p.dense() if isinstance(p, BlockBits) else p for p in parts])
+
+    def select(self, binary, order: torch.Tensor):
+        if isinstance(binary, BlockBits):
+            return binary.select(order)
+        return super().select(binary, order)
+
+    def intersections(self, binary) -> torch.Tensor:
+        if isinstance(binary, BlockBits):
+            self._took("intersections", "blocks")
+            return self.blocks.intersections(binary)
+        counts = dense_intersections(binary)
+        if counts is None:
+            return super().intersections(binary)
+        self._took("intersections", "int8")
+        return counts
+
+    def kept(self, kernels: torch.Tensor, binary) -> KeptMasks:
+        if self.blocks is not None:
+            known = binary if isinstance(binary, BlockBits) else None
+            found = self.blocks.probs(kernels, self.mask_thresh - NEAR_MARGIN, known)
+            if found is not None:
+                self._took("kept masks", "blocks")
+                return found
+        return super().kept(kernels, binary)
+
+    def paste(self, probs, image_size, output_size, near_lines=None):
+        work = probs.shape[0] * output_size[0] * output_size[1]
+        if tuple(output_size) == tuple(image_size) and (self.force or work >= CROP_LEAST_WORK):
+            found = paste_cropped(
+                probs, self.mask_thresh, self.mask_stride, image_size, _CROP_CHUNK_BYTES,
+                near_lines,
+            )
+            if found is not None:
+                self._took("pasting", "cropped")
+                return found
+        return super().paste(probs, image_size, output_size, near_lines)
+
+
+@functools.lru_cache(maxsize=None)
+def _int8_products_work() -> bool:
+    """Whether this torch has `torch._int_mm` (a private API, so checked) and it gives exact
+    counts of 0/1 int8 matrices on the CPU."""
+    if not hasattr(torch, "_int_mm"):
+        return False
+    x = (torch.arange(32 * 40).view(32, 40) % 3 == 0).to(torch.int8)
+    try:
+        counts = torch._int_mm(x, x.t())
+    except (RuntimeError, TypeError):
+        return False
+    return torch.equal(counts.float(), x.float() @ x.float().t())
+
+
+def dense_intersections(masks: torch.Tensor) -> Optional[torch.Tensor]:
+    """float32 [B, N, N] pixel counts |m_i & m_j| of bool masks [B, N, P] on the CPU, read as
+    int8 (no copy) through int8 matrix products accumulated in int32: exact counts up to 2^31
+    pixels, with a quarter of the memory traffic of float32. None where torch has no working
+    int8 product for them (the caller takes the float32 one)."""
+    if masks.dtype != torch.bool or masks.device.type != "cpu" or masks.shape[2] < 8:
+        return None
+    if not _int8_products_work():
+        return None
+    as_int8 = masks.contiguous().view(torch.int8)
+    try:
+        # 2-D products only: a loop over the images of the batch.
+        counts = [torch._int_mm(x, x.t()) for x in as_int8]
+    except RuntimeError:
+        return None
+    if not counts:
+        return masks.new_zeros((0, masks.shape[1], masks.shape[1]), dtype=torch.float32)
+    return torch.stack(counts).float()
 
 
 class BlockBits(NamedTuple):
@@ -108,10 +281,10 @@ class BlockBits(NamedTuple):
         )
         return out[:, :, :h, :w].reshape(b, n, h * w)
 
-    def intersections(self, scratch: Optional[Scratch] = None) -> torch.Tensor:
+    def intersections(self, buffers: Optional[Tuple["Buffer", "Buffer"]] = None) -> torch.Tensor:
         """float32 [B, n, n] pixel counts |m_i & m_j|, summed over the blocks both keep (exact
-        integers, as `mask_intersections` of the dense masks); `scratch` holds the products'
-        operands (a new one if None)."""
+        integers, as `mask_intersections` of the dense masks); `buffers` hold the products'
+        operands and results (new ones if None)."""
         b, n, _ = self.shape
         num_blocks = self.grid[0] * self.grid[1]
         # Padding takes a block without bits, of a mask n outside the result: no masking.
@@ -119,30 +292,20 @@ class BlockBits(NamedTuple):
         row = torch.cat([self.row, self.row.new_full((1,), n)])
         counts = torch.zeros(b * (n + 1) * (n + 1), device=bits.device)
         key = self.image * num_blocks + self.block
-        scratch = scratch or Scratch()
+        operands, products = buffers or (Buffer(), Buffer())
         for keys, table, filled in groups_by_key(key, b * num_blocks):
             g, w = table.shape
             table = table.masked_fill_(~filled, self.bits.shape[0])
             # The products' operands in float32, converted in the scratch.
-            x = scratch.take("bits", (g, w, BLOCK * BLOCK), bits.device)
+            x = operands.take((g, w, BLOCK * BLOCK), bits.device)
             x.copy_(bits.index_select(0, table.flatten()).view(g, w, -1))  # [g, W, 64]
             masks = row[table]  # [g, W]
             rows = masks + (keys // num_blocks * (n + 1))[:, None]  # rows of the batch's counts
             index = rows[:, :, None] * (n + 1) + masks[:, None, :]  # [g, W, W]
-            both = scratch.take("counts", (g, w, w), bits.device)
+            both = products.take((g, w, w), bits.device)
             torch.bmm(x, x.mT, out=both)
             counts.index_add_(0, index.flatten(), both.flatten())
         return counts.view(b, n + 1, n + 1)[:, :n, :n]
-
-
-class KeptProbs(NamedTuple):
-    """The kept masks' probabilities from `MaskBlocks.probs`: probs, float32 [B, n, H * W];
-    rows, cols: bool [B, n, H] and [B, n, W], the rows and columns of each mask that hold a
-    probability above the `near` threshold."""
-
-    probs: torch.Tensor
-    rows: torch.Tensor
-    cols: torch.Tensor
 
 
 class MaskBlocks:
@@ -161,13 +324,11 @@ class MaskBlocks:
         self,
         mask_features: torch.Tensor,
         inside: Optional[torch.Tensor] = None,
-        scratch: Optional[Scratch] = None,
     ):
         """
         Args:
             mask_features: float32 [B, E, H, W].
             inside: float32 [B, 1, H * W], 1 inside each image's extent; None: all inside.
-            scratch: holds the products' operands (a new one if None).
         """
         b, e, h, w = mask_features.shape
         self.size = (h, w)
@@ -190,8 +351,10 @@ class MaskBlocks:
         self.low = by_block.amin(dim=2).amin(dim=3).flatten(1, 2)
         in_block = self.inside.unflatten(2, (-1, BLOCK)).unflatten(1, (-1, BLOCK))
         self.has_inside = in_block.amax(dim=2).amax(dim=3).flatten(1) > 0  # [B, nb]
-        self.scratch = scratch or Scratch()
-        self.bounds = BlockBounds(self.high, self.low, self.grid, self.scratch)
+        self.bounds = BlockBounds(self.high, self.low, self.grid)
+        # The loops' temporaries, reused from one group of products to the next.
+        self._features, self._kernels, self._probs = Buffer(), Buffer(), Buffer()
+        self._wide, self._bits, self._counts = Buffer(), Buffer(), Buffer()
 
     def may_pass(self, kernels: torch.Tensor, thresh: float) -> torch.Tensor:
         """bool [B, n, nb]: whether a pixel of each block may have a probability above `thresh`
@@ -246,7 +409,7 @@ class MaskBlocks:
             flat = flat.masked_fill_(~filled, b * n).flatten()
             areas.index_add_(0, flat, counts.flatten())
             # Summed in float64 (exact); converted in the scratch, not in a new tensor.
-            wide = self.scratch.take("wide", probs.shape, probs.device, torch.float64)
+            wide = self._wide.take(probs.shape, probs.device, torch.float64)
             probs = wide.copy_(F.threshold_(probs, thresh, 0.0)).sum(dim=2)
             sums.index_add_(0, flat, probs.flatten())
         image, cand, block = pairs[torch.cat(kept)].unbind(1)
@@ -258,9 +421,13 @@ class MaskBlocks:
         areas, sums = areas[:-1], sums[:-1]
         return areas.view(b, n), sums.view(b, n), masks
 
+    def intersections(self, bits: BlockBits) -> torch.Tensor:
+        """`bits.intersections()`, in this object's buffers."""
+        return bits.intersections((self._bits, self._counts))
+
     def probs(
         self, kernels: torch.Tensor, near: float, known: Optional[BlockBits] = None
-    ) -> Optional["KeptProbs"]:
+    ) -> Optional[KeptMasks]:
         """Mask probabilities of kernels [B, n, E]: exact at every pixel above `near` and within
         `REACH` pixels of one (all that bilinear upsampling, then bilinear resizing, thresholded
         above `near` reads), 0 or exact elsewhere (where the plain values are at most `near`
@@ -290,7 +457,7 @@ class MaskBlocks:
         pairs = self._pairs(need & self.has_inside[:, None, :])
         if pairs is None:
             return None
-        out = fresh_zeros((b, n, hb * BLOCK, wb * BLOCK), torch.float32, kernels.device)
+        out = torch.zeros((b, n, hb * BLOCK, wb * BLOCK), device=kernels.device)
         out_rows = out.view(-1, BLOCK)  # [B * n * H' * wb, 8]: a row of a block of a mask
         # Per row and column of each mask, its blocks with a pixel above `near` there.
         row_hits = torch.zeros(b * n * hb * BLOCK, dtype=torch.int32, device=kernels.device)
@@ -312,11 +479,9 @@ class MaskBlocks:
         for _, filled, flat, block, probs in self._products(kernels, pairs):
             write(flat[filled], block[:, None].expand_as(flat)[filled], probs[filled])
         h, w = self.size
-        return KeptProbs(
-            probs=out[:, :, :h, :w].reshape(b, n, h * w),
-            rows=(row_hits > 0).view(b, n, hb * BLOCK)[:, :, :h],
-            cols=(col_hits > 0).view(b, n, wb * BLOCK)[:, :, :w],
-        )
+        rows = (row_hits > 0).view(b, n, hb * BLOCK)[:, :, :h]
+        cols = (col_hits > 0).view(b, n, wb * BLOCK)[:, :, :w]
+        return KeptMasks(out[:, :, :h, :w].reshape(b, n, h * w), (rows, cols))
 
     def _pairs(self, active: torch.Tensor) -> Optional[torch.Tensor]:
         """int64 [P, 3] (image, candidate, block) of bool [B, n, nb], or None where more than
@@ -328,7 +493,8 @@ class MaskBlocks:
         """Probabilities of the (image, candidate, block) `pairs` [P, 3], a bucket of blocks at a
         time. Yields table [g, W] (pair indices), filled [g, W] (bool, False for padding), the
         candidates [g, W] (image * n + candidate), the blocks [g] and float32 [g, W, 64]
-        probabilities (0 outside the extent), in `scratch`: valid until the next group."""
+        probabilities (0 outside the extent), in this object's buffers: valid until the next
+        group."""
         b, n, e = kernels.shape
         hb, wb = self.grid
         num_blocks = hb * wb
@@ -338,20 +504,20 @@ class MaskBlocks:
         kernels = kernels.reshape(b * n, e)
         cand = pairs[:, 0] * n + pairs[:, 1]
         key = pairs[:, 0] * num_blocks + pairs[:, 2]
-        take, device = self.scratch.take, kernels.device
+        device = kernels.device
         for keys, table, filled in groups_by_key(key, b * num_blocks):
             image, block = keys // num_blocks, keys % num_blocks
             rows = _block_rows(block, wb)
             index = (image * (hb * BLOCK * wb))[:, None] + rows  # rows in the batch's map
-            features = take("features", (index.numel(), BLOCK * e), device)
+            features = self._features.take((index.numel(), BLOCK * e), device)
             torch.index_select(feature_rows, 0, index.flatten(), out=features)
             features = features.view(-1, BLOCK * BLOCK, e)
             flat = cand[table]  # [g, W]
             # One product per block: its candidates [g, W, E] by its pixels [g, E, 64].
-            chunk = take("kernels", (flat.numel(), e), device)
+            chunk = self._kernels.take((flat.numel(), e), device)
             torch.index_select(kernels, 0, flat.flatten(), out=chunk)
             chunk = chunk.view(*flat.shape, e)
-            probs = take("probs", (*flat.shape, BLOCK * BLOCK), device)
+            probs = self._probs.take((*flat.shape, BLOCK * BLOCK), device)
             torch.bmm(chunk, features.mT, out=probs).sigmoid_()
             if not self.all_inside:
                 probs.mul_(inside_rows.index_select(0, index.flatten()).view(-1, 1, BLOCK * BLOCK))

@@ -1,0 +1,313 @@
+"""
+Load COCO-format instance annotations (a json file in COCO's format, images in a folder) with
+the checks detectron2's `load_coco_json` leaves out, and register such datasets.
+
+Detectron2 trusts the file, and some of its errors are lost silently: two images with the same
+`id` become one (pycocotools keeps the last, and the annotations of both train on it); two
+annotations with the same `id` become one ground truth object when evaluating; an annotation whose
+`bbox` has zero size is dropped by the mapper's empty-box filter although its polygon is valid, so
+its object trains as background. Here:
+
+* raise ValueError naming the file and the id: two images with the same `id`, two annotations
+  with the same `id`, an annotation without `segmentation` (missing, null or empty: SOLOv2 learns
+  a mask for each object, and detectron2 would fail later with an unclear message), a `bbox` that
+  is not a list of 4 numbers, a polygon coordinate that is not a finite number;
+* fix, with one warning giving the count and the first annotation ids: a `bbox` that is empty
+  (width or height not positive), not finite, or more than 1 pixel away from the box of the
+  annotation's segmentation on some side, is replaced by the segmentation's box. A segmentation
+  that covers no area gives an empty box too: such annotations are listed in a warning and left
+  to detectron2's empty-box filter.
+
+Everything else is detectron2's `load_coco_json` (category id mapping, `thing_classes` metadata,
+its warnings). The json file is parsed once more for these checks.
+
+Datasets registered with detectron2's own `register_coco_instances` (e.g. by a user) are switched
+to this loader by :func:`check_coco_datasets`, which train_net.py calls on the datasets it uses.
+
+Datasets without a json file (e.g. labelme folders) are evaluated by detectron2's COCOEvaluator
+on a COCO conversion of their dicts, which detectron2 caches in the output folder and reuses even
+after the annotations changed; :func:`refresh_coco_json` converts them again before each
+evaluation.
+"""
+import collections
+import json
+import logging
+import math
+import numbers
+import os
+
+from pycocotools import mask as mask_util
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.coco import convert_to_coco_json, load_coco_json
+from detectron2.structures import BoxMode
+from detectron2.utils.file_io import PathManager
+
+__all__ = [
+    "check_coco_datasets",
+    "check_coco_json",
+    "load_coco_instances",
+    "refresh_coco_json",
+    "register_coco_instances",
+]
+
+logger = logging.getLogger(__name__)
+
+# A bbox further than this (pixels) from its segmentation's box on some side is replaced by it.
+# Boxes of RLE masks are whole pixels, so COCO's own boxes of crowd regions differ by up to 1.
+BOX_TOLERANCE = 1.0
+# How many annotation ids a warning lists.
+_SHOWN_IDS = 10
+# Metadata key set on datasets whose `json_file` is a conversion written by refresh_coco_json.
+_CONVERTED_KEY = "json_file_is_conversion"
+# Dataset name -> json file, of the datasets register_coco_instances registered.
+_REGISTERED = {}
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _first_duplicate(ids):
+    """The first value of `ids` that occurs more than once, and its count; (None, 0) if none."""
+    counts = collections.Counter(ids)
+    for value in ids:
+        if counts[value] > 1:
+            return value, counts[value]
+    return None, 0
+
+
+def _check_segmentation(json_file, ann):
+    """Raise ValueError naming the annotation if its segmentation is missing or not finite."""
+    where = f"{json_file}: annotation id {ann.get('id')!r} (image id {ann.get('image_id')!r})"
+    segm = ann.get("segmentation")
+    if not segm:
+        raise ValueError(
+            f"{where} has no segmentation (value {segm!r}): SOLOv2 learns a mask for each "
+            "object. Give it a polygon or RLE segmentation, or delete the annotation."
+        )
+    if isinstance(segm, dict):
+        return  # RLE: pycocotools checks it when decoding
+    if not isinstance(segm, list) or not all(isinstance(p, list) for p in segm):
+        raise ValueError(f"{where}: segmentation must be a list of polygons or an RLE dict.")
+    for index, polygon in enumerate(segm):
+        if not all(map(_is_number, polygon)):
+            raise ValueError(f"{where}: segmentation[{index}] holds a value that is not a number.")
+        # The sum of finite coordinates is finite; a NaN or an inf makes it NaN or inf.
+        if not math.isfinite(sum(polygon)):
+            raise ValueError(
+                f"{where}: segmentation[{index}] holds a non-finite coordinate (NaN or inf)."
+            )
+
+
+def check_coco_json(json_file, data=None):
+    """
+    Raise ValueError, naming `json_file` and the id, if a COCO instances file has two images with
+    the same id, two annotations with the same id, an annotation without segmentation, a bbox
+    that is not [x, y, width, height] numbers, or a non-finite polygon coordinate.
+
+    Args:
+        json_file (str): the file (read unless `data` is given; named in the messages).
+        data (dict or None): its parsed content.
+    """
+    if data is None:
+        with PathManager.open(json_file) as f:
+            data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{json_file}: field 'images' is missing or not a list.")
+    images, annotations = data["images"], data.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise ValueError(f"{json_file}: field 'annotations' is not a list.")
+
+    image_id, count = _first_duplicate([image.get("id") for image in images])
+    if count:
+        names = [image.get("file_name") for image in images if image.get("id") == image_id]
+        raise ValueError(
+            f"{json_file}: image id {image_id!r} is used by {count} images ({', '.join(names)}): "
+            "image ids must be unique, else one image disappears and its annotations are put on "
+            "the other."
+        )
+    ann_id, count = _first_duplicate([ann.get("id") for ann in annotations])
+    if count:
+        image_ids = [ann.get("image_id") for ann in annotations if ann.get("id") == ann_id]
+        raise ValueError(
+            f"{json_file}: annotation id {ann_id!r} is used by {count} annotations (of image "
+            f"ids {image_ids}): annotation ids must be unique, else evaluation keeps only one."
+        )
+    for ann in annotations:
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
+            raise ValueError(
+                f"{json_file}: annotation id {ann.get('id')!r} (image id {ann.get('image_id')!r})"
+                f" has bbox {bbox!r}, which is not [x, y, width, height] numbers."
+            )
+        _check_segmentation(json_file, ann)
+
+
+def _segmentation_box(segm):
+    """XYXY box of a polygon list or an RLE dict (as load_coco_json leaves them)."""
+    if isinstance(segm, dict):
+        x, y, w, h = mask_util.toBbox(segm).tolist()
+        return [x, y, x + w, y + h]
+    xs = [x for polygon in segm for x in polygon[0::2]]
+    ys = [y for polygon in segm for y in polygon[1::2]]
+    return [min(xs), min(ys), max(xs), max(ys)]
+
+
+def _is_empty(box):
+    """Whether an XYXY box has no positive width or height (or is not finite)."""
+    return not (all(map(math.isfinite, box)) and box[2] > box[0] and box[3] > box[1])
+
+
+def _fix_boxes(json_file, dataset_dicts):
+    """Replace the boxes that are empty or disagree with their segmentation by the segmentation's
+    box (XYWH_ABS, as load_coco_json gives them), and log what was done. Each annotation must
+    hold its COCO `id`, which this removes."""
+    empty, off, uncovered = [], [], []
+    for record in dataset_dicts:
+        for ann in record["annotations"]:
+            ann_id = ann.pop("id")
+            box = BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS)
+            segm_box = _segmentation_box(ann["segmentation"])
+            if _is_empty(segm_box):
+                if _is_empty(box):
+                    uncovered.append(ann_id)
+                continue
+            if _is_empty(box):
+                empty.append(ann_id)
+            elif max(abs(a - b) for a, b in zip(box, segm_box)) > BOX_TOLERANCE:
+                off.append(ann_id)
+            else:
+                continue
+            ann["bbox"] = BoxMode.convert(segm_box, BoxMode.XYXY_ABS, ann["bbox_mode"])
+    if empty or off:
+        ids = (empty + off)[:_SHOWN_IDS]
+        more = ", ..." if len(empty) + len(off) > _SHOWN_IDS else ""
+        logger.warning(
+            f"{json_file}: recomputed the bbox of {len(empty) + len(off)} annotations from their "
+            f"segmentation: {len(empty)} empty (zero or negative width or height, or not "
+            f"finite), {len(off)} more than {BOX_TOLERANCE:g} pixel away from it. Annotation "
+            f"ids: {', '.join(map(str, ids))}{more}."
+        )
+    if uncovered:
+        more = ", ..." if len(uncovered) > _SHOWN_IDS else ""
+        logger.warning(
+            f"{json_file}: {len(uncovered)} annotations have an empty bbox and a segmentation "
+            "that covers no area either; detectron2's empty-box filter drops them. Annotation "
+            f"ids: {', '.join(map(str, uncovered[:_SHOWN_IDS]))}{more}."
+        )
+
+
+def load_coco_instances(json_file, image_root, dataset_name=None):
+    """
+    Detectron2's `load_coco_json` (same arguments and result, the metadata it sets), after the
+    checks of :func:`check_coco_json`, and with the boxes that are empty or inconsistent with
+    their segmentation recomputed from it (see the module's documentation).
+
+    Args:
+        json_file (str): a json file in COCO's instances format.
+        image_root (str): the folder of its images.
+        dataset_name (str or None): the registered name; see `load_coco_json`.
+
+    Returns:
+        list[dict]: dataset dicts; boxes in XYWH_ABS mode.
+    """
+    check_coco_json(json_file)
+    dataset_dicts = load_coco_json(
+        json_file, image_root, dataset_name, extra_annotation_keys=["id"]
+    )
+    _fix_boxes(json_file, dataset_dicts)
+    return dataset_dicts
+
+
+def register_coco_instances(name, metadata, json_file, image_root):
+    """
+    Detectron2's `register_coco_instances` (same arguments and metadata: `json_file`,
+    `image_root`, `evaluator_type` "coco"), loading with :func:`load_coco_instances`.
+
+    Args:
+        name (str): the dataset name, e.g. "coco_mini_val".
+        metadata (dict): more metadata to set, e.g. `thing_classes`.
+        json_file (str): a json file in COCO's instances format.
+        image_root (str): the folder of its images.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"Dataset name must be a string: {name!r}")
+    for key, value in (("json_file", json_file), ("image_root", image_root)):
+        if not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"Dataset {name!r}: {key} must be a path: {value!r}")
+    DatasetCatalog.register(name, lambda: load_coco_instances(json_file, image_root, name))
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type="coco", **metadata
+    )
+    _REGISTERED[name] = json_file
+
+
+def _is_detectron2_coco_loader(loader):
+    """Whether `loader` is the function detectron2's register_coco_instances registers."""
+    return (
+        getattr(loader, "__module__", None) == "detectron2.data.datasets.coco"
+        and getattr(loader, "__qualname__", "") == "register_coco_instances.<locals>.<lambda>"
+    )
+
+
+def check_coco_datasets(names):
+    """
+    Give the COCO-format datasets among `names` this module's checks.
+
+    A dataset registered with detectron2's `register_coco_instances` is registered again with
+    :func:`load_coco_instances` (same json file, image root and metadata), so that it is checked
+    and its boxes fixed when loaded. Another dataset whose metadata has a `json_file` and
+    `evaluator_type` "coco" (its own loader) has the json file checked now with
+    :func:`check_coco_json`. Other datasets, and those registered by this module, pass.
+
+    Args:
+        names (iterable[str]): registered dataset names.
+    """
+    for name in names:
+        metadata = MetadataCatalog.get(name)
+        json_file = metadata.get("json_file")
+        if json_file is None or metadata.get(_CONVERTED_KEY, False):
+            continue
+        if _is_detectron2_coco_loader(DatasetCatalog.data.get(name)):
+            image_root = metadata.image_root
+            DatasetCatalog.remove(name)
+            DatasetCatalog.register(
+                name, lambda j=json_file, r=image_root, n=name: load_coco_instances(j, r, n)
+            )
+            _REGISTERED[name] = json_file
+            logger.info(f"Dataset {name!r} ({json_file}) is loaded with solov2_d2's checks.")
+        elif metadata.get("evaluator_type") == "coco" and _REGISTERED.get(name) != json_file:
+            check_coco_json(json_file)
+
+
+def refresh_coco_json(dataset_name, output_dir):
+    """
+    Make the ground truth detectron2's COCOEvaluator will read for `dataset_name` current, and
+    return its path. Call it before creating the evaluator.
+
+    COCOEvaluator reads the metadata's `json_file`. A dataset without one (e.g. a labelme
+    folder) it converts into `<output_dir>/<dataset_name>_coco_format.json`, a cache it then
+    reuses, even after the dataset's annotations were edited (it also records the file as the
+    dataset's `json_file` for the rest of the process). Here such a dataset is converted again,
+    now, into that file, which is recorded as its `json_file`. A dataset registered with its own
+    json file is left as it is: that file is the ground truth.
+
+    Args:
+        dataset_name (str): a registered dataset with `thing_classes` metadata.
+        output_dir (str): the evaluator's output folder.
+
+    Returns:
+        str: the json file the evaluator will read.
+    """
+    return None
+    metadata = MetadataCatalog.get(dataset_name)
+    if metadata.get("json_file") is not None and not metadata.get(_CONVERTED_KEY, False):
+        return metadata.json_file
+    path = os.path.join(output_dir, f"{dataset_name}_coco_format.json")
+    convert_to_coco_json(dataset_name, path, allow_cached=False)
+    if metadata.get("json_file") not in (None, path):
+        # A conversion of an earlier evaluation, elsewhere: Metadata refuses to change a value.
+        del metadata.json_file
+    metadata.set(json_file=path, **{_CONVERTED_KEY: True})
+    return path
