@@ -145,5 +145,13 @@ class SOLOv2Predictor(DefaultPredictor):
                 or refused: see :func:`image_for_predictor`).
         Returns:
             {"instances": Instances} at the size of `original_image`.
+
+        The model runs in eval mode, also when it was put in train() mode since (which would
+        make it expect training inputs); its mode is restored afterwards.
         """
-        return super().__call__(image_for_predictor(original_image, self.aug))
+        training = self.model.training
+        self.model.eval()
+        try:
+            return super().__call__(image_for_predictor(original_image, self.aug))
+        finally:
+            self.model.train(training)

@@ -129,3 +129,13 @@ def test_weights_of_another_head_are_refused(tmp_path, photo):
         SOLOv2Predictor(cfg)
     assert cfg.MODEL.WEIGHTS in str(e.value)
     assert "ins_head.cate_pred.weight ([3, 128, 3, 3] in the model, [2, 128, 3, 3]" in str(e.value)
+
+
+def test_a_model_left_in_train_mode_still_predicts_and_keeps_its_mode(predictor, photo):
+    expected = predictor(photo)
+    predictor.model.train()
+    try:
+        _same(predictor(photo), expected)
+        assert predictor.model.training
+    finally:
+        predictor.model.eval()
