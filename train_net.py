@@ -50,7 +50,12 @@ from detectron2.utils.logger import setup_logger
 from solov2_d2 import add_solov2_config
 from solov2_d2.checks import check_amp_device, check_dataset_classes, check_weights_are_local
 from solov2_d2.config import check_solver_config
-from solov2_d2.data import SOLOv2DatasetMapper, build_resumable_train_loader
+from solov2_d2.data import (
+    SOLOv2DatasetMapper,
+    build_resumable_train_loader,
+    check_coco_datasets,
+    refresh_coco_json,
+)
 from solov2_d2.engine.checkpoint import SOLOv2Checkpointer
 from solov2_d2.engine.launch import create_ddp_model, launch
 from solov2_d2.engine.solver import build_optimizer
@@ -139,6 +144,8 @@ class Trainer(DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
         if evaluator_type == "coco":
+            # A dataset without a json file is converted again: not detectron2's cached conversion.
+            refresh_coco_json(dataset_name, output_folder)
             return COCOEvaluator(dataset_name, tasks=("segm", "bbox"), output_dir=output_folder)
         if evaluator_type == "lvis":
             return LVISEvaluator(dataset_name, tasks=("segm", "bbox"), output_dir=output_folder)
@@ -180,6 +187,9 @@ def setup(args):
     # Training ends with an evaluation on DATASETS.TEST.
     datasets = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
     check_dataset_classes(cfg.MODEL.SOLOV2.NUM_CLASSES, datasets)
+    # COCO json files (also those registered with detectron2's register_coco_instances) are
+    # checked: duplicate ids, annotations without segmentation, empty or inconsistent boxes.
+    check_coco_datasets(datasets)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

@@ -300,7 +300,6 @@ def refresh_coco_json(dataset_name, output_dir):
     Returns:
         str: the json file the evaluator will read.
     """
-    return None
     metadata = MetadataCatalog.get(dataset_name)
     if metadata.get("json_file") is not None and not metadata.get(_CONVERTED_KEY, False):
         return metadata.json_file

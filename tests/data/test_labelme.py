@@ -9,9 +9,14 @@ from PIL import Image
 import solov2_d2  # noqa: F401  (before detectron2: installs the compatibility bridge)
 
 # isort: split
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode, polygons_to_bitmask
 
-from solov2_d2.data import get_labelme_class_names, load_labelme_instances
+from solov2_d2.data import (
+    get_labelme_class_names,
+    load_labelme_instances,
+    register_labelme_instances,
+)
 
 FRUIT = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "fruit")
 requires_fruit = pytest.mark.skipif(not os.path.isdir(FRUIT), reason=f"no fruit data at {FRUIT}")
@@ -133,6 +138,26 @@ def test_point_far_outside_is_skipped(tmp_path, caplog):
     json_file = _write(tmp_path, shapes=[{"label": "a", "points": TRIANGLE + [[41.5, 10.0]]}])
     assert _load_one(tmp_path)["annotations"] == []
     assert f"{json_file}: shapes[0]" in caplog.text and "(41.5, 10.0)" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_point_is_reported_as_not_finite(tmp_path, caplog, bad):
+    """A NaN or infinite coordinate (json writes them as NaN, Infinity) is named as such, with
+    the file, the shape index and the label, not as a point outside the image."""
+    points = [TRIANGLE[0], [bad, 10.0], TRIANGLE[2]]
+    shapes = [{"label": "a", "points": TRIANGLE}, {"label": "b", "points": points}]
+    json_file = _write(tmp_path, shapes=shapes)
+    register_labelme_instances("labelme_non_finite", str(tmp_path), ["a", "b"])
+    try:
+        (record,) = DatasetCatalog.get("labelme_non_finite")
+    finally:
+        DatasetCatalog.remove("labelme_non_finite")
+        MetadataCatalog.remove("labelme_non_finite")
+    assert [a["category_id"] for a in record["annotations"]] == [0]
+    assert f"{json_file}: shapes[1] ('b'): skipped, point ({bad}, 10.0) is not finite" in (
+        caplog.text
+    )
+    assert "outside" not in caplog.text
 
 
 def test_point_slightly_outside_is_clipped(tmp_path, caplog):
