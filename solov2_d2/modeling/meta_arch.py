@@ -258,6 +258,11 @@ class SOLOv2(nn.Module):
         """
         if not self.training:
             return self.inference(batched_inputs)
+        if len(batched_inputs) == 0:
+            raise ValueError(
+                "SOLOv2 training got an empty batch (no input dicts): give at least one image "
+                "with its 'instances'."
+            )
         if "instances" not in batched_inputs[0]:
             raise ValueError("SOLOv2 training needs 'instances' in every input dict.")
         images = ImageList.from_tensors(
@@ -275,7 +280,15 @@ class SOLOv2(nn.Module):
 
     def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
         """Detections for a batch, the network run as `network_policy` says (by default
-        :meth:`NetworkPolicy.for_device`: one image at a time on the CPU)."""
+        :meth:`NetworkPolicy.for_device`: one image at a time on the CPU). No inputs: []."""
+        if len(batched_inputs) == 0:
+            return []
+        for i, x in enumerate(batched_inputs):
+            if min(x.get("height", 1), x.get("width", 1)) < 1:
+                raise ValueError(
+                    f"Input {i}: output size {x.get('height')} x {x.get('width')} (\"height\", "
+                    "\"width\"); expected positive sizes, or leave them out for the input's size."
+                )
         images = self.preprocess_image(batched_inputs)
         policy = self.network_policy or NetworkPolicy.for_device(self.device)
         outputs = policy.run(

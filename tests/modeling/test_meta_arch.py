@@ -308,3 +308,20 @@ def test_batched_runs_the_padded_batch_once_with_each_image_extent():
 def test_for_device(device, per_image):
     policy = NetworkPolicy.for_device(torch.device(device))
     assert policy.per_image == policy.channels_last == per_image
+
+
+def test_an_empty_batch_gives_no_results_in_eval_and_a_clear_error_in_training(small_cfg):
+    model = build_model(small_cfg).eval()
+    assert model([]) == []
+    model.train()
+    with pytest.raises(ValueError, match="SOLOv2 training got an empty batch"):
+        model([])
+
+
+@pytest.mark.parametrize("size", [(0, 0), (0, 40), (30, -1)])
+def test_an_output_size_below_one_pixel_is_refused_naming_the_input(small_cfg, size):
+    model = build_model(small_cfg).eval()
+    image = torch.zeros(3, 64, 64)
+    inputs = [{"image": image}, {"image": image, "height": size[0], "width": size[1]}]
+    with pytest.raises(ValueError, match=f"Input 1: output size {size[0]} x {size[1]}"):
+        model(inputs)
