@@ -3,6 +3,8 @@ import torch
 
 from convert_fixtures import cfg_from_yaml, empty_model, load_strictly  # isort: split
 
+from detectron2.checkpoint import DetectionCheckpointer
+
 from solov2_d2.convert import CONFIGS_DIR
 from solov2_d2.convert.__main__ import main
 
@@ -39,3 +41,21 @@ def test_cli_refuses_to_overwrite_its_source(light_r18_file, tmp_path, capsys):
         assert f"{dst} is the source checkpoint {src}" in capsys.readouterr().err
     assert src.read_bytes() == before
     assert not src.with_suffix(".yaml").exists()
+
+
+def test_cli_says_when_a_checkpoint_is_already_converted(light_r18_file, tmp_path, capsys):
+    src, _ = light_r18_file
+    converted = tmp_path / "converted.pth"
+    assert main([str(src), str(converted), "--from", "mmdet"]) == 0
+    capsys.readouterr()
+    # The converter's output, and a checkpoint as train_net.py writes it (model and trainer).
+    trained = tmp_path / "model_final.pth"
+    model = empty_model(cfg_from_yaml(tmp_path / "converted.yaml"))
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final", iteration=9)
+    for path in (converted, trained):
+        for source in ([], ["--from", "adelaidet"]):
+            assert main([str(path), str(tmp_path / "again.pth"), *source]) == 1
+            err = capsys.readouterr().err
+            assert f"{path} is already a solov2_d2 checkpoint" in err
+            assert "nothing to convert" in err and "not part of" not in err
+    assert not (tmp_path / "again.pth").exists() and not (tmp_path / "again.yaml").exists()
