@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from conftest import copy_fruit
+from conftest import FRUIT, copy_fruit
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
 from detectron2.modeling import build_model
 
-from solov2_d2.data import register_labelme_instances
+from solov2_d2.data import load_labelme_instances, register_labelme_instances
 from solov2_d2.data.datasets import FRUIT_CLASSES
 
 
@@ -65,6 +65,32 @@ def test_instances_without_masks_are_still_refused(small_cfg, labelme_dataset):
     batch = next(iter(build_detection_train_loader(small_cfg)))
     with pytest.raises(ValueError, match="set MODEL.MASK_ON True"):
         build_model(small_cfg).train()(batch)
+
+
+def test_instances_without_segmentation_name_both_causes(small_cfg):
+    """MODEL.MASK_ON is True, but a dataset (registered with its own loader) gives annotations
+    without 'segmentation': the message must not only ask to set MODEL.MASK_ON True."""
+    (record,) = load_labelme_instances(str(FRUIT), FRUIT_CLASSES, files=["0"])
+    for annotation in record["annotations"]:
+        del annotation["segmentation"]
+    DatasetCatalog.register("fruit_boxes_only", lambda: [record])
+    MetadataCatalog.get("fruit_boxes_only").thing_classes = FRUIT_CLASSES
+    try:
+        small_cfg.DATASETS.TRAIN = ("fruit_boxes_only",)
+        assert small_cfg.MODEL.MASK_ON
+        small_cfg.DATALOADER.NUM_WORKERS = 0
+        small_cfg.SOLVER.IMS_PER_BATCH = 1
+        small_cfg.INPUT.MIN_SIZE_TRAIN, small_cfg.INPUT.MAX_SIZE_TRAIN = (128,), 192
+        batch = next(iter(build_detection_train_loader(small_cfg)))
+        with pytest.raises(ValueError) as e:
+            build_model(small_cfg).train()(batch)
+    finally:
+        DatasetCatalog.remove("fruit_boxes_only")
+        MetadataCatalog.remove("fruit_boxes_only")
+    n = len(record["annotations"])
+    assert f"has {n} instances and no masks" in str(e.value)
+    assert "MODEL.MASK_ON is False" in str(e.value)
+    assert "the dataset gives annotations without 'segmentation'" in str(e.value)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

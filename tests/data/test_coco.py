@@ -10,11 +10,14 @@ import logging
 import math
 import sys
 
+import numpy as np
 import pytest
+import torch
 from conftest import FRUIT, REPO, copy_fruit, small_solov2_cfg, tiny_fruit_argv
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances as d2_register_coco_instances
+from detectron2.structures import Boxes, Instances, polygons_to_bitmask
 
 from solov2_d2.data import (
     SOLOv2DatasetMapper,
@@ -222,6 +225,19 @@ def test_check_coco_datasets_checks_a_json_file_of_another_loader(coco_dataset, 
     check_coco_datasets(["fruit_val"])  # no json file: nothing to check
 
 
+def _perfect_predictions(record):
+    """Instances predicting the annotations of a dataset dict (XYXY boxes, polygons), score 1."""
+    height, width = record["height"], record["width"]
+    annotations = record["annotations"]
+    instances = Instances((height, width))
+    masks = [polygons_to_bitmask(a["segmentation"], height, width) for a in annotations]
+    instances.pred_masks = torch.as_tensor(np.stack(masks))
+    instances.pred_boxes = Boxes(torch.tensor([a["bbox"] for a in annotations]))
+    instances.scores = torch.ones(len(annotations))
+    instances.pred_classes = torch.tensor([a["category_id"] for a in annotations])
+    return instances
+
+
 def test_evaluation_after_editing_annotations_uses_the_new_ground_truth(tmp_path):
     """train_net.py's evaluator for a labelme dataset (no json file): COCOEvaluator caches its
     COCO conversion in the output folder and would reuse it after the annotations changed."""
@@ -237,6 +253,14 @@ def test_evaluation_after_editing_annotations_uses_the_new_ground_truth(tmp_path
         (folder / "14.json").write_text(json.dumps(data))
         evaluator = train_net.Trainer.build_evaluator(cfg, "fruit_edited")
         assert len(evaluator._coco_api.anns) == before - 3
+        # Predictions that are exactly the edited annotations score 100 against them (the three
+        # removed objects of a stale ground truth would be missed).
+        evaluator.reset()
+        (record,) = DatasetCatalog.get("fruit_edited")
+        evaluator.process([record], [{"instances": _perfect_predictions(record)}])
+        results = evaluator.evaluate()
+        assert results["segm"]["AP"] == pytest.approx(100.0)
+        assert results["bbox"]["AP"] == pytest.approx(100.0)
         # Another output folder (another run in this process) gets its own conversion.
         other = train_net.Trainer.build_evaluator(cfg, "fruit_edited", str(tmp_path / "other"))
         assert len(other._coco_api.anns) == before - 3

@@ -2,12 +2,15 @@
 import solov2_d2  # noqa: F401  # isort: split
 
 import collections
+import json
+import logging
 import os
 
 import pytest
 from conftest import REPO, SHARED, register_shared_coco_mini
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
 
 from solov2_d2.data import register_builtin_datasets
 from solov2_d2.data.datasets import DATASETS_ENV_VAR, FRUIT_CLASSES, get_datasets_root
@@ -117,3 +120,41 @@ def test_tests_find_coco_mini_in_the_shared_data():
     json_file = SHARED_DATA / "coco_mini" / "annotations" / "instances_val2017.json"
     if os.environ.get(DATASETS_ENV_VAR) is None:
         assert MetadataCatalog.get("coco_mini_val").json_file == str(json_file)
+
+
+@requires_coco_mini
+def test_coco_mini_loads_with_the_checks_and_needs_no_box_fixed(caplog):
+    """COCO's own boxes agree with the segmentations (those of crowd RLE masks within a pixel):
+    the checked loader gives detectron2's dicts, with no box recomputed."""
+    meta = MetadataCatalog.get("coco_mini_val")
+    with caplog.at_level(logging.WARNING):
+        dicts = DatasetCatalog.get("coco_mini_val")
+    assert "recomputed" not in caplog.text and "empty bbox" not in caplog.text
+    assert dicts == load_coco_json(meta.json_file, meta.image_root, "coco_mini_val")
+    assert sum(a["iscrowd"] for d in dicts for a in d["annotations"]) == 5
+
+
+@requires_coco_mini
+def test_coco_mini_refuses_a_duplicate_image_id(fresh_registration, tmp_path):
+    """The built-in registration uses the checked loader: a copy of coco_mini whose second image
+    takes the id of the first is refused, naming the file and the id."""
+    shared = SHARED_DATA / "coco_mini"
+    os.makedirs(tmp_path / "coco_mini" / "annotations")
+    for folder in ("train2017", "val2017"):
+        os.symlink(shared / folder, tmp_path / "coco_mini" / folder)
+    for split in ("train", "val"):
+        name = f"instances_{split}2017.json"
+        data = json.loads((shared / "annotations" / name).read_text())
+        if split == "val":
+            first, second = data["images"][:2]
+            for a in data["annotations"]:
+                if a["image_id"] == second["id"]:
+                    a["image_id"] = first["id"]
+            second["id"] = first["id"]
+        (tmp_path / "coco_mini" / "annotations" / name).write_text(json.dumps(data))
+    register_builtin_datasets(str(tmp_path))
+    assert len(DatasetCatalog.get("coco_mini_train")) == 80
+    with pytest.raises(ValueError) as e:
+        DatasetCatalog.get("coco_mini_val")
+    json_file = tmp_path / "coco_mini" / "annotations" / "instances_val2017.json"
+    assert f"{json_file}: image id {first['id']} is used by 2 images" in str(e.value)
