@@ -161,8 +161,8 @@ class SOLOv2PostProcessor:
             inference_path: "plain", every pixel of every mask as specified above; "fast", the
                 faster computation `fast_masks` wherever it applies, with the same results;
                 "auto", `fast_masks` decides where it pays.
-            fast_masks: a faster `CandidateMasks` with a `choose` class method (the CPU's:
-                :class:`solov2_d2.inference.cpu.CPUCandidateMasks`); None: always plain.
+            fast_masks: a faster `CandidateMasks` with a `choose` class method (the model
+                passes the CPU's, from :mod:`solov2_d2.inference.cpu`); None: always plain.
         """
         self.strides = list(strides)
         self.mask_stride = mask_stride

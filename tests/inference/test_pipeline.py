@@ -6,28 +6,29 @@ import torch
 import torch.nn.functional as F
 from devices import HostSyncCounter, needs_cuda
 
-from solov2_d2.inference import matrix_nms
-from solov2_d2.inference import pipeline as pp
-from solov2_d2.inference.cpu.int8_intersections import mask_intersections_float
+from solov2_d2.inference import masks as masks_module
+from solov2_d2.inference.cpu import CPUCandidateMasks
 from solov2_d2.inference.pipeline import SOLOv2PostProcessor, masks_to_boxes, point_nms
 
 GRIDS = [40, 36, 24, 16, 12]
 STRIDES = [8, 8, 16, 32, 32]
 
 
+# The inference path of the processors that `_processor` builds ("auto", as the model's).
+_PATH = {"inference_path": "auto"}
+
+
 @pytest.fixture(params=["fast", "plain"])
 def path(request, monkeypatch):
-    """Run a test on the fast paths whatever the work (block-bounded mask scoring, cropped
-    pasting; int8 intersections on the CPU) and on the plain ones."""
-    if request.param == "plain":
-        monkeypatch.setattr(matrix_nms, "mask_intersections", mask_intersections_float)
-    fast = request.param == "fast"
-    monkeypatch.setattr(SOLOv2PostProcessor, "_fast", lambda self, *args: fast)
+    """Run a test with the CPU's fast paths forced on whatever the work (block-bounded mask
+    scoring, int8 intersections, cropped pasting) and with all of them off."""
+    monkeypatch.setitem(_PATH, "inference_path", request.param)
     return request.param
 
 
 def _processor(**kwargs):
-    args = dict(strides=STRIDES, mask_stride=4)
+    """A post-processor with the model's faster computation available (`fast_masks`)."""
+    args = dict(strides=STRIDES, mask_stride=4, fast_masks=CPUCandidateMasks, **_PATH)
     args.update(kwargs)
     return SOLOv2PostProcessor(**args)
 
@@ -186,7 +187,7 @@ def test_the_candidate_cap_is_off_by_default_and_changes_results_when_set():
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 100000])
-def test_chunk_size_does_not_change_results(chunk_size):
+def test_chunk_size_does_not_change_results(chunk_size, path):
     cate, kernels, feats = _head_outputs(2, seed=4, cate_shift=-4.0)
     sizes = [(128, 160), (90, 100)]
     expected = _run(_processor(), cate, kernels, feats, sizes)
@@ -331,7 +332,7 @@ def test_paste_in_chunks_equals_paste_at_once(monkeypatch):
     cate, kernels, feats = _head_outputs(1, seed=8, cate_shift=-1.0)
     sizes, outputs = [(128, 160)], [(300, 410)]
     expected = _run(_processor(), cate, kernels, feats, sizes, outputs)[0]
-    monkeypatch.setattr(pp, "_PASTE_CHUNK_BYTES", 4 * 300 * 410)  # one mask at a time
+    monkeypatch.setattr(masks_module, "_PASTE_CHUNK_BYTES", 4 * 300 * 410)  # a mask at a time
     ours = _run(_processor(), cate, kernels, feats, sizes, outputs)[0]
     assert len(ours) > 5
     assert torch.equal(ours.pred_masks, expected.pred_masks)
@@ -372,13 +373,13 @@ def test_post_processing_waits_for_the_device_three_times_per_batch():
 
 def test_masks_are_computed_only_for_candidates_above_the_threshold(monkeypatch):
     seen = []
-    real = pp.dynamic_mask_logits
+    real = masks_module.dynamic_mask_logits
 
     def spy(features, kernels):
         seen.append(int(kernels.ne(0).any(dim=2).sum(dim=1).max()))  # without the zero rows
         return real(features, kernels)
 
-    monkeypatch.setattr(pp, "dynamic_mask_logits", spy)
+    monkeypatch.setattr(masks_module, "dynamic_mask_logits", spy)
     cate, kernels, feats = _head_outputs(2)
     cate = [torch.full_like(c, -5.0) for c in cate]
     cate[2][1, 3, 5, 7] = 5.0
@@ -416,3 +417,33 @@ def test_cuda_matches_cpu_also_under_autocast():
         assert (b.pred_masks.cpu() != a.pred_masks).float().mean() < 1e-4
         top = min(len(a), len(h), 10)
         torch.testing.assert_close(h.scores[:top].cpu(), a.scores[:top], rtol=0, atol=0.01)
+
+
+def test_the_paths_taken_are_recorded_and_plain_turns_every_fast_path_off(caplog):
+    """`last_paths` (and a debug log line) say which computation each step took; "plain" takes
+    the plain one in every step, int8 intersections included."""
+    cate, kernels, feats = _head_outputs(2, mask_size=(96, 120), seed=4, cate_shift=-1.0)
+    # Each kernel picks one blob: compact masks, where every fast path applies.
+    kernels = [F.one_hot(k.argmax(dim=1), k.shape[1]).permute(0, 3, 1, 2).float() for k in kernels]
+    sizes = [(384, 480)] * 2
+    plain = _processor(inference_path="plain")
+    with caplog.at_level("DEBUG", logger="solov2_d2.inference.pipeline"):
+        expected = _run(plain, cate, kernels, feats, sizes)
+    steps = ["scoring", "intersections", "kept masks", "pasting"]
+    assert plain.last_paths == dict.fromkeys(steps, "plain")
+    assert str(plain.last_paths) in caplog.text
+    fast = _processor(inference_path="fast")
+    ours = _run(fast, cate, kernels, feats, sizes)
+    assert sorted(fast.last_paths) == sorted(steps)
+    assert "plain" not in fast.last_paths.values()
+    assert fast.last_paths["pasting"] == "cropped"
+    assert sum(len(r) for r in ours) > 10
+    for a, b in zip(ours, expected):
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_masks, b.pred_masks)
+
+
+def test_without_a_faster_computation_every_path_is_plain():
+    cate, kernels, feats = _head_outputs(1, seed=4, cate_shift=-1.0)
+    proc = _processor(inference_path="fast", fast_masks=None)
+    _run(proc, cate, kernels, feats, [(128, 160)])
+    assert set(proc.last_paths.values()) == {"plain"}
