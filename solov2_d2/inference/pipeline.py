@@ -241,13 +241,7 @@ class SOLOv2PostProcessor:
         return results
 
     @torch.no_grad()
-    def detect(
-        self,
-        cate_logits: List[torch.Tensor],
-        kernels: List[torch.Tensor],
-        mask_features: torch.Tensor,
-        mask_extents: Sequence[Tuple[int, int]],
-    ) -> Detections:
+    def detect(self, cate_logits, kernels, mask_features, mask_extents) -> Detections:
         """Steps 1-6 for the batch (arguments as in `__call__`)."""
         device = mask_features.device
         with torch.autocast(device.type, enabled=False):

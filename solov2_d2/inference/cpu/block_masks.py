@@ -59,48 +59,32 @@ class CPUCandidateMasks(CandidateMasks):
     `paths` records what each step took.
 
     Args:
-        mask_features, inside, mask_thresh, mask_stride, chunk_size: as `CandidateMasks`.
+        args: those of `CandidateMasks` (mask_features, inside, mask_thresh, mask_stride,
+            chunk_size).
         kernels: float32 [B, K, D], the kernels of all the batch's candidates (a sample of them
             decides whether scoring takes the blocks); valid: bool [B, K].
         force: take every fast path whatever the work.
     """
 
     def __init__(
-        self,
-        mask_features: torch.Tensor,
-        inside: Optional[torch.Tensor],
-        mask_thresh: float,
-        mask_stride: int,
-        chunk_size: int,
-        *,
-        kernels: torch.Tensor,
-        valid: torch.Tensor,
-        force: bool = False,
+        self, *args, kernels: torch.Tensor, valid: torch.Tensor, force: bool = False
     ):
-        super().__init__(mask_features, inside, mask_thresh, mask_stride, chunk_size)
+        super().__init__(*args)
         self.force = force
         self.blocks = self._mask_blocks(kernels, valid)
         if self.blocks is not None:
             # Blocks hold at most bool masks where the plain computation holds float32
             # probabilities: four times the candidates at once.
-            self.scoring_chunk_size = 4 * chunk_size
+            self.scoring_chunk_size = 4 * self.chunk_size
 
     @classmethod
     def choose(
-        cls,
-        mask_features: torch.Tensor,
-        inside: Optional[torch.Tensor],
-        mask_thresh: float,
-        mask_stride: int,
-        chunk_size: int,
-        *,
-        kernels: torch.Tensor,
-        valid: torch.Tensor,
-        force: bool = False,
+        cls, *args, kernels: torch.Tensor, valid: torch.Tensor, force: bool = False
     ) -> CandidateMasks:
         """This computation, or the plain one where `force` is False and the masks are not on
-        the CPU or are being exported (a graph holds the plain computation)."""
-        args = (mask_features, inside, mask_thresh, mask_stride, chunk_size)
+        the CPU or are being exported (a graph holds the plain computation); arguments as the
+        class's."""
+        mask_features = args[0]
         on_cpu = mask_features.device.type == "cpu" and not torch.compiler.is_exporting()
         if not (force or on_cpu):
             return CandidateMasks(*args)
