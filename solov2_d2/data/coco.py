@@ -27,7 +27,8 @@ to this loader by :func:`check_coco_datasets`, which train_net.py calls on the d
 Datasets without a json file (e.g. labelme folders) are evaluated by detectron2's COCOEvaluator
 on a COCO conversion of their dicts, which detectron2 caches in the output folder and reuses even
 after the annotations changed; :func:`refresh_coco_json` converts them again before each
-evaluation.
+evaluation. A json file with boxes that loading recomputes would score box AP against the bad
+boxes: :func:`refresh_coco_json` gives the evaluator a copy with them recomputed.
 """
 import collections
 import json
@@ -35,7 +36,9 @@ import logging
 import math
 import numbers
 import os
+import shutil
 
+from iopath.common.file_io import file_lock
 from pycocotools import mask as mask_util
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -58,8 +61,9 @@ logger = logging.getLogger(__name__)
 BOX_TOLERANCE = 1.0
 # How many annotation ids a warning lists.
 _SHOWN_IDS = 10
-# Metadata key set on datasets whose `json_file` is a conversion written by refresh_coco_json.
-_CONVERTED_KEY = "json_file_is_conversion"
+# Metadata key set on datasets whose `json_file` was written by refresh_coco_json: the dataset's
+# own json file, or "" for a conversion of its dataset dicts.
+_SOURCE_KEY = "json_file_source"
 # Dataset name -> json file, of the datasets register_coco_instances registered.
 _REGISTERED = {}
 
@@ -159,43 +163,78 @@ def _is_empty(box):
     return not (all(map(math.isfinite, box)) and box[2] > box[0] and box[3] > box[1])
 
 
-def _fix_boxes(json_file, dataset_dicts):
-    """Replace the boxes that are empty or disagree with their segmentation by the segmentation's
-    box (XYWH_ABS, as load_coco_json gives them), and log what was done. Each annotation must
-    hold its COCO `id`, which this removes."""
-    empty, off, uncovered = [], [], []
-    for record in dataset_dicts:
-        for ann in record["annotations"]:
-            ann_id = ann.pop("id")
-            box = BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS)
-            segm_box = _segmentation_box(ann["segmentation"])
-            if _is_empty(segm_box):
-                if _is_empty(box):
-                    uncovered.append(ann_id)
-                continue
+def _box_fixes(annotations):
+    """
+    The boxes to replace among `annotations`, an iterable of (id, bbox in XYWH_ABS, segmentation
+    as load_coco_json leaves it).
+
+    Returns:
+        dict, list, list, list: {id: the segmentation's box in XYWH_ABS} of the boxes to replace;
+        the ids of those that are empty, of those that are more than BOX_TOLERANCE off; the ids of
+        empty boxes whose segmentation covers no area either (kept).
+    """
+    fixes, empty, off, uncovered = {}, [], [], []
+    for ann_id, bbox, segm in annotations:
+        box = BoxMode.convert(list(bbox), BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
+        segm_box = _segmentation_box(segm)
+        if _is_empty(segm_box):
             if _is_empty(box):
-                empty.append(ann_id)
-            elif max(abs(a - b) for a, b in zip(box, segm_box)) > BOX_TOLERANCE:
-                off.append(ann_id)
-            else:
-                continue
-            ann["bbox"] = BoxMode.convert(segm_box, BoxMode.XYXY_ABS, ann["bbox_mode"])
-    if empty or off:
-        ids = (empty + off)[:_SHOWN_IDS]
-        more = ", ..." if len(empty) + len(off) > _SHOWN_IDS else ""
+                uncovered.append(ann_id)
+            continue
+        if _is_empty(box):
+            empty.append(ann_id)
+        elif max(abs(a - b) for a, b in zip(box, segm_box)) > BOX_TOLERANCE:
+            off.append(ann_id)
+        else:
+            continue
+        fixes[ann_id] = BoxMode.convert(segm_box, BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)
+    return fixes, empty, off, uncovered
+
+
+def _ids(ids):
+    more = ", ..." if len(ids) > _SHOWN_IDS else ""
+    return ", ".join(map(str, ids[:_SHOWN_IDS])) + more
+
+
+def _fix_boxes(json_file, dataset_dicts):
+    """Replace the boxes of `dataset_dicts` (from load_coco_json, each annotation with its COCO
+    `id`, which this removes) that are empty or disagree with their segmentation by the
+    segmentation's box, and log what was done."""
+    annotations = [ann for record in dataset_dicts for ann in record["annotations"]]
+    for ann in annotations:
+        if ann["bbox_mode"] != BoxMode.XYWH_ABS:  # load_coco_json's mode
+            raise ValueError(f"Expected XYWH_ABS boxes from load_coco_json: {ann['bbox_mode']}")
+    ids = [ann.pop("id") for ann in annotations]
+    fixes, empty, off, uncovered = _box_fixes(
+        (i, ann["bbox"], ann["segmentation"]) for i, ann in zip(ids, annotations)
+    )
+    for ann_id, ann in zip(ids, annotations):
+        if ann_id in fixes:
+            ann["bbox"] = fixes[ann_id]
+    if fixes:
         logger.warning(
-            f"{json_file}: recomputed the bbox of {len(empty) + len(off)} annotations from their "
+            f"{json_file}: recomputed the bbox of {len(fixes)} annotations from their "
             f"segmentation: {len(empty)} empty (zero or negative width or height, or not "
             f"finite), {len(off)} more than {BOX_TOLERANCE:g} pixel away from it. Annotation "
-            f"ids: {', '.join(map(str, ids))}{more}."
+            f"ids: {_ids(empty + off)}."
         )
     if uncovered:
-        more = ", ..." if len(uncovered) > _SHOWN_IDS else ""
         logger.warning(
             f"{json_file}: {len(uncovered)} annotations have an empty bbox and a segmentation "
             "that covers no area either; detectron2's empty-box filter drops them. Annotation "
-            f"ids: {', '.join(map(str, uncovered[:_SHOWN_IDS]))}{more}."
+            f"ids: {_ids(uncovered)}."
         )
+
+
+def _loaded_segmentation(segm):
+    """A segmentation of a COCO file as load_coco_json leaves it: polygons of fewer than 3
+    points removed (None if none is left), RLE with uncompressed counts compressed."""
+    if isinstance(segm, dict):
+        if isinstance(segm["counts"], list):
+            return mask_util.frPyObjects(segm, *segm["size"])
+        return segm
+    segm = [polygon for polygon in segm if len(polygon) % 2 == 0 and len(polygon) >= 6]
+    return segm or None
 
 
 def load_coco_instances(json_file, image_root, dataset_name=None):
@@ -266,8 +305,8 @@ def check_coco_datasets(names):
     """
     for name in names:
         metadata = MetadataCatalog.get(name)
-        json_file = metadata.get("json_file")
-        if json_file is None or metadata.get(_CONVERTED_KEY, False):
+        json_file = metadata.get(_SOURCE_KEY, metadata.get("json_file"))
+        if not json_file:  # none, or a conversion of the dataset dicts
             continue
         if _is_detectron2_coco_loader(DatasetCatalog.data.get(name)):
             image_root = metadata.image_root
@@ -281,6 +320,47 @@ def check_coco_datasets(names):
             check_coco_json(json_file)
 
 
+def _write_fixed_boxes(json_file, output_path):
+    """
+    Write a copy of the COCO file `json_file` whose boxes that are empty or inconsistent with
+    their segmentation are replaced as load_coco_instances replaces them, to `output_path`, and
+    return that path; return `json_file` if no box needs replacing (nothing is written).
+    """
+    with PathManager.open(json_file) as f:
+        data = json.load(f)
+    check_coco_json(json_file, data)
+    annotations = data.get("annotations", [])
+    segms = [_loaded_segmentation(ann["segmentation"]) for ann in annotations]
+    fixes = _box_fixes(
+        (i, ann["bbox"], segm) for i, (ann, segm) in enumerate(zip(annotations, segms)) if segm
+    )[0]
+    if not fixes:
+        return json_file
+    for index, box in fixes.items():
+        annotations[index]["bbox"] = box
+    PathManager.mkdirs(os.path.dirname(output_path))
+    with file_lock(output_path):
+        with PathManager.open(output_path + ".tmp", "w") as f:
+            json.dump(data, f)
+        shutil.move(output_path + ".tmp", output_path)
+    logger.info(
+        f"Evaluating against {output_path}: {json_file} with the {len(fixes)} boxes recomputed "
+        "from their segmentation as when loading."
+    )
+    return output_path
+
+
+def _set_json_file(metadata, json_file, source):
+    """Set the metadata's json_file, and _SOURCE_KEY to `source` unless it is `json_file`.
+    Metadata refuses to change a value: the old ones are deleted first."""
+    for key in ("json_file", _SOURCE_KEY):
+        if metadata.get(key) is not None:
+            delattr(metadata, key)
+    metadata.json_file = json_file
+    if source != json_file:
+        setattr(metadata, _SOURCE_KEY, source)
+
+
 def refresh_coco_json(dataset_name, output_dir):
     """
     Make the ground truth detectron2's COCOEvaluator will read for `dataset_name` current, and
@@ -288,10 +368,13 @@ def refresh_coco_json(dataset_name, output_dir):
 
     COCOEvaluator reads the metadata's `json_file`. A dataset without one (e.g. a labelme
     folder) it converts into `<output_dir>/<dataset_name>_coco_format.json`, a cache it then
-    reuses, even after the dataset's annotations were edited (it also records the file as the
-    dataset's `json_file` for the rest of the process). Here such a dataset is converted again,
-    now, into that file, which is recorded as its `json_file`. A dataset registered with its own
-    json file is left as it is: that file is the ground truth.
+    reuses even after the dataset's annotations were edited (and records as the dataset's
+    `json_file` for the rest of the process). Here such a dataset is converted again, now, into
+    that file. A dataset registered with its own json file is evaluated against it, unless some
+    of its boxes are empty or inconsistent with their segmentation: then against a copy with
+    those boxes recomputed, as :func:`load_coco_instances` recomputes them for training,
+    `<output_dir>/<dataset_name>_fixed_boxes.json`. The file is recorded as the metadata's
+    `json_file` (the dataset's own file, if any, as `json_file_source`).
 
     Args:
         dataset_name (str): a registered dataset with `thing_classes` metadata.
@@ -301,12 +384,13 @@ def refresh_coco_json(dataset_name, output_dir):
         str: the json file the evaluator will read.
     """
     metadata = MetadataCatalog.get(dataset_name)
-    if metadata.get("json_file") is not None and not metadata.get(_CONVERTED_KEY, False):
-        return metadata.json_file
-    path = os.path.join(output_dir, f"{dataset_name}_coco_format.json")
-    convert_to_coco_json(dataset_name, path, allow_cached=False)
-    if metadata.get("json_file") not in (None, path):
-        # A conversion of an earlier evaluation, elsewhere: Metadata refuses to change a value.
-        del metadata.json_file
-    metadata.set(json_file=path, **{_CONVERTED_KEY: True})
+    source = metadata.get(_SOURCE_KEY, metadata.get("json_file"))
+    if source:
+        fixed = os.path.join(output_dir, f"{dataset_name}_fixed_boxes.json")
+        path = _write_fixed_boxes(source, fixed)
+    else:
+        path = os.path.join(output_dir, f"{dataset_name}_coco_format.json")
+        convert_to_coco_json(dataset_name, path, allow_cached=False)
+        source = ""
+    _set_json_file(metadata, path, source)
     return path

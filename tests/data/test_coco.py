@@ -17,7 +17,7 @@ from conftest import FRUIT, REPO, copy_fruit, small_solov2_cfg, tiny_fruit_argv
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances as d2_register_coco_instances
-from detectron2.structures import Boxes, Instances, polygons_to_bitmask
+from detectron2.structures import Boxes, BoxMode, Instances, polygons_to_bitmask
 
 from solov2_d2.data import (
     SOLOv2DatasetMapper,
@@ -226,13 +226,14 @@ def test_check_coco_datasets_checks_a_json_file_of_another_loader(coco_dataset, 
 
 
 def _perfect_predictions(record):
-    """Instances predicting the annotations of a dataset dict (XYXY boxes, polygons), score 1."""
+    """Instances predicting the annotations of a dataset dict (polygons), score 1."""
     height, width = record["height"], record["width"]
     annotations = record["annotations"]
     instances = Instances((height, width))
     masks = [polygons_to_bitmask(a["segmentation"], height, width) for a in annotations]
     instances.pred_masks = torch.as_tensor(np.stack(masks))
-    instances.pred_boxes = Boxes(torch.tensor([a["bbox"] for a in annotations]))
+    boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations]
+    instances.pred_boxes = Boxes(torch.tensor(boxes))
     instances.scores = torch.ones(len(annotations))
     instances.pred_classes = torch.tensor([a["category_id"] for a in annotations])
     return instances
@@ -268,3 +269,31 @@ def test_evaluation_after_editing_annotations_uses_the_new_ground_truth(tmp_path
     finally:
         DatasetCatalog.remove("fruit_edited")
         MetadataCatalog.remove("fruit_edited")
+
+
+def test_evaluation_scores_against_the_recomputed_boxes(coco_dataset, tmp_path):
+    """A COCO file with a zero-size box: train_net.py's evaluator reads a copy with the box
+    recomputed (as training loads it), so predictions equal to the loaded dicts score 100 box
+    AP; once the file is corrected, the file itself."""
+    data = _fruit_coco(("14",))
+    good = data["annotations"][0]["bbox"]
+    data["annotations"][0]["bbox"] = [good[0], good[1], 0.0, 0.0]
+    json_file = coco_dataset(data)
+    cfg = small_solov2_cfg()
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    evaluator = train_net.Trainer.build_evaluator(cfg, NAME)
+    assert evaluator._coco_api.anns[1]["bbox"] == pytest.approx(good)
+    assert MetadataCatalog.get(NAME).json_file != json_file
+    evaluator.reset()
+    (record,) = DatasetCatalog.get(NAME)
+    evaluator.process([record], [{"instances": _perfect_predictions(record)}])
+    results = evaluator.evaluate()
+    assert results["bbox"]["AP"] == pytest.approx(100.0)
+    assert json.loads(open(json_file).read())["annotations"][0]["bbox"][2] == 0.0  # untouched
+
+    data["annotations"][0]["bbox"] = good
+    with open(json_file, "w") as f:
+        json.dump(data, f)
+    evaluator = train_net.Trainer.build_evaluator(cfg, NAME)
+    assert MetadataCatalog.get(NAME).json_file == json_file
+    assert evaluator._coco_api.anns[1]["bbox"] == pytest.approx(good)
