@@ -5,8 +5,10 @@ Command line: ``python -m solov2_d2.export --config-file ... --output DIR [KEY V
 """
 from .graph import (
     DEFAULT_MAX_CANDIDATES,
+    MIN_OPSET,
     ExportOutputs,
     SOLOv2ExportModule,
+    config_metadata,
     export_onnx,
     require_export_packages,
 )
@@ -14,9 +16,11 @@ from .predictor import OnnxPredictor
 
 __all__ = [
     "DEFAULT_MAX_CANDIDATES",
+    "MIN_OPSET",
     "ExportOutputs",
     "OnnxPredictor",
     "SOLOv2ExportModule",
+    "config_metadata",
     "export_onnx",
     "require_export_packages",
 ]

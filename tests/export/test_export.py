@@ -1,5 +1,6 @@
 """ONNX export (solov2_d2.export): the whole model, exported once per module through the command
 line, runs in ONNX Runtime and agrees with eager PyTorch on the fruit photos."""
+import json
 import logging
 import subprocess
 import sys
@@ -15,12 +16,13 @@ from conftest import FRUIT_CONFIG, REPO
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from solov2_d2.export import OnnxPredictor, SOLOv2ExportModule, require_export_packages
-from solov2_d2.export.graph import INPUT_NAMES, OUTPUT_NAMES
+from solov2_d2.export.__main__ import main as export_main
+from solov2_d2.export.graph import INPUT_NAMES, MIN_OPSET, OUTPUT_NAMES, export_onnx
 from solov2_d2.modeling.meta_arch import NetworkPolicy
 
 onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx: pip install -e .[export]")
@@ -116,6 +118,11 @@ def test_the_command_writes_one_file_with_dynamic_batch_and_size(exported):
     metadata = {p.key: p.value for p in model.metadata_props}
     assert metadata["solov2.size_divisibility"] == "32"
     assert metadata["solov2.max_candidates"] == "1000"
+    # What using the graph depends on: the export's input format, test sizes and classes.
+    assert metadata["solov2.input_format"] == "BGR"
+    assert (metadata["solov2.min_size_test"], metadata["solov2.max_size_test"]) == ("288", "640")
+    assert metadata["solov2.num_classes"] == "3"
+    assert json.loads(metadata["solov2.thing_classes"]) == ["date", "fig", "hazelnut"]
     # Weights inside: nothing but the file itself was written.
     assert sorted(p.name for p in (REPO / exported.path).parent.iterdir()) == ["model.onnx"]
 
@@ -229,3 +236,76 @@ def test_deformable_models_are_refused():
     cfg.MODEL.SOLOV2.DCN_IN_MASK_BRANCH = True
     with pytest.raises(NotImplementedError, match="deformable"):
         SOLOv2ExportModule(build_model(cfg))
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("INPUT.FORMAT", "RGB"), ("INPUT.MIN_SIZE_TEST", 320), ("INPUT.MAX_SIZE_TEST", 800)],
+)
+def test_the_predictor_refuses_a_config_that_disagrees_with_the_export(exported, key, value):
+    cfg = exported.cfg.clone()
+    exported_value = cfg[key.split(".")[0]][key.split(".")[1]]
+    cfg.merge_from_list([key, value])
+    with pytest.raises(ValueError) as e:
+        OnnxPredictor(cfg, exported.path)
+    assert f"{exported.path} was exported with {key} {exported_value!r}" in str(e.value)
+    assert f"but the config has {key} {value!r}" in str(e.value)
+
+
+def test_a_file_exported_before_the_config_was_recorded_uses_the_config(exported, tmp_path):
+    model = onnx.load(exported.path)
+    kept = [p for p in model.metadata_props if not p.key.endswith(("_test", "_format", "classes"))]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    old = str(tmp_path / "old.onnx")
+    onnx.save(model, old)
+    cfg = exported.cfg.clone()
+    cfg.merge_from_list(["INPUT.FORMAT", "RGB", "INPUT.MIN_SIZE_TEST", 320])
+    predictor = OnnxPredictor(cfg, old)
+    assert predictor.input_format == "RGB" and tuple(predictor.aug.short_edge_length) == (320, 320)
+    assert predictor.thing_classes is None
+    assert predictor.metadata.name == "fruit_val"  # the config's test dataset
+    # The recorded values are the ones used by the current file.
+    current = OnnxPredictor(exported.cfg, exported.path)
+    assert current.input_format == "BGR" and tuple(current.aug.short_edge_length) == (288, 288)
+
+
+def test_no_inputs_give_no_results_and_an_empty_output_size_is_refused(exported):
+    assert exported.predictor.inference([]) == []
+    photo = model_input(photos()[0], 224, 288)
+    empty = dict(photo, height=0, width=0)
+    with pytest.raises(ValueError, match="Input 1: output size 0 x 0"):
+        exported.predictor.inference([photo, empty])
+
+
+def test_demo_labels_with_the_classes_the_exported_model_records(exported, tmp_path, monkeypatch):
+    """A config whose test dataset has COCO's classes: the fruit model's detections are still
+    drawn with the fruit names."""
+    drawn = []
+
+    def draw(image, instances, metadata, threshold):
+        drawn.append(metadata)
+        return image[:, :, ::-1]
+
+    monkeypatch.setattr(demo, "draw_predictions", draw)
+    image_path = DatasetCatalog.get("fruit_val")[0]["file_name"]
+    assert len(MetadataCatalog.get("coco_2017_val").thing_classes) == 80
+    args = demo.get_parser().parse_args(
+        ["--config-file", FRUIT_CONFIG, "--input", image_path, "--output", str(tmp_path)]
+        + ["--onnx", exported.path, "--opts", "DATASETS.TEST", "('coco_2017_val',)"]
+    )
+    demo.main(args)
+    assert [m.thing_classes for m in drawn] == [["date", "fig", "hazelnut"]]
+
+
+def test_opsets_below_the_lowest_supported_are_refused_before_exporting(tmp_path, capsys):
+    output = tmp_path / "onnx"
+    argv = ["--config-file", FRUIT_CONFIG, "--output", str(output), "--opset", "9"]
+    with pytest.raises(SystemExit):
+        export_main(argv + ["MODEL.WEIGHTS", str(tmp_path / "absent.pth")])
+    err = capsys.readouterr().err
+    assert f"argument --opset: opset 9 is below {MIN_OPSET}, the lowest opset the export" in err
+    assert not output.exists()
+    with pytest.raises(ValueError, match=f"opset {MIN_OPSET - 1} is below {MIN_OPSET}"):
+        export_onnx(build_model(fruit_cfg()), str(tmp_path / "model.onnx"), opset=MIN_OPSET - 1)
+    assert list(tmp_path.iterdir()) == []
