@@ -122,10 +122,14 @@ def check_coco_json(json_file, data=None):
     images, annotations = data["images"], data.get("annotations", [])
     if not isinstance(annotations, list):
         raise ValueError(f"{json_file}: field 'annotations' is not a list.")
+    for field, entries in (("images", images), ("annotations", annotations)):
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise ValueError(f"{json_file}: {field}[{index}] is not a JSON object: {entry!r}")
 
     image_id, count = _first_duplicate([image.get("id") for image in images])
     if count:
-        names = [image.get("file_name") for image in images if image.get("id") == image_id]
+        names = [str(image.get("file_name")) for image in images if image.get("id") == image_id]
         raise ValueError(
             f"{json_file}: image id {image_id!r} is used by {count} images ({', '.join(names)}): "
             "image ids must be unique, else one image disappears and its annotations are put on "
