@@ -98,6 +98,41 @@ def test_later_instance_wins_a_shared_cell_and_images_do_not_mix():
     assert set(t.labels[1][t.matched[1] >= 0].tolist()) == {3}
 
 
+def test_shared_cells_pair_with_every_claiming_instance():
+    """Two instances of image 0 whose centre regions overlap: a shared cell's label is the
+    later instance's, and the cell is paired with both; image 1 reuses the first mask alone.
+    On an 8 x 8 grid over 128 x 128 (16 px cells), sigma 0.2 (half-extents 8 px): A (rows and
+    columns 24..103, centre 63.5) claims cells 3..4 x 3..4; B (rows 40..119, columns 32..111,
+    centre (79.5, 71.5)) claims 4..5 x 3..4. They share (4, 3) and (4, 4)."""
+    mask = np.zeros((2, 128, 128), bool)
+    mask[0, 24:104, 24:104] = True
+    mask[1, 40:120, 32:112] = True
+    t = assign_targets(
+        [_instances(mask, [1, 2]), _instances(mask[:1], [3])], (128, 128), [8], [(1, 1000)],
+        0.2, 4, 4,
+    )  # fmt: skip
+    a = {(r, c) for r in (3, 4) for c in (3, 4)}
+    b = {(r, c) for r in (4, 5) for c in (3, 4)}
+    assert a & b == {(4, 3), (4, 4)}
+    assert _cells(t.matched[0], 8) == a | b
+    labels = t.labels[0].view(8, 8)
+    assert all(labels[rc] == 2 for rc in b) and all(labels[rc] == 1 for rc in a - b)
+    cell = lambda r, c: r * 8 + c  # noqa: E731
+    assert _pairs(t, 0) == [(0, cell(*rc)) for rc in sorted(a)] + [
+        (1, cell(*rc)) for rc in sorted(b)
+    ]
+    assert _pairs(t, 1) == [(2, cell(*rc)) for rc in sorted(a)]  # batch-global index
+    # Rows of 2 instances x 9 cells (the centre cell's neighbourhood; -1 where not claimed);
+    # image 1's is padded.
+    assert t.pair_cells.shape == t.pair_instances.shape == (2, 2 * 9)
+    assert (t.pair_instances[1, 9:] == -1).all() and (t.pair_cells[1, 9:] == -1).all()
+    # The loss's view of them.
+    assert t.mask_pairs() == (t.pair_instances, t.pair_cells)
+    assert t.mask_pairs("last_owner") == (t.matched, None)
+    with pytest.raises(ValueError, match="'last_owner'"):
+        t.mask_pairs("first_owner")
+
+
 def test_empty_images_and_empty_masks():
     empty = _instances(np.zeros((0, 64, 64), bool), [])
     blank = _instances(np.zeros((1, 64, 64), bool), [0], [[0, 0, 10, 10]])
@@ -105,6 +140,10 @@ def test_empty_images_and_empty_masks():
     assert t.labels.shape == (2, 20) and (t.labels == 2).all()
     assert (t.matched == -1).all()
     assert t.masks.shape == (1, 16, 16)
+    assert t.pair_cells.shape == (2, 18) and (t.pair_cells == -1).all()
+    assert (t.pair_instances == -1).all()
+    none = assign_targets([empty], (64, 64), [4, 2], [(1, 100), (50, 200)], 0.2, 2, 4)
+    assert none.pair_cells.shape == none.pair_instances.shape == (1, 0)
 
 
 def test_polygons_and_bitmasks_give_the_same_targets():
@@ -122,6 +161,8 @@ def test_polygons_and_bitmasks_give_the_same_targets():
     b = assign_targets([inst_bit], *args)
     assert torch.equal(a.labels, b.labels) and torch.equal(a.matched, b.matched)
     assert torch.equal(a.masks, b.masks)
+    assert torch.equal(a.pair_cells, b.pair_cells)
+    assert torch.equal(a.pair_instances, b.pair_instances)
     assert (a.matched >= 0).any()
 
 
@@ -153,9 +194,10 @@ def test_downsample_rejects_sizes_it_cannot_handle():
 
 
 def _loop_reference(masks, boxes, classes, padded, grids, ranges, sigma, num_classes):
-    """A plain per-instance, per-level loop over Python numbers, as the references do it."""
+    """A plain per-instance, per-level loop over Python numbers, as the references do it: the
+    cells' labels and last claiming instance, and every (instance, cell) pair claimed."""
     hp, wp = padded
-    labels, matched = [], []
+    labels, matched, pairs, offset = [], [], [], 0
     for grid, (low, high) in zip(grids, ranges):
         lab = np.full((grid, grid), num_classes)
         own = np.full((grid, grid), -1)
@@ -175,9 +217,20 @@ def _loop_reference(masks, boxes, classes, padded, grids, ranges, sigma, num_cla
             right = min(min(grid - 1, math.floor((cx + half_w) / cw)), col + 1)
             lab[top : bottom + 1, left : right + 1] = classes[k]
             own[top : bottom + 1, left : right + 1] = k
+            for r in range(top, bottom + 1):
+                for c in range(left, right + 1):
+                    pairs.append((k, offset + r * grid + c))
         labels.append(lab.ravel())
         matched.append(own.ravel())
-    return np.concatenate(labels), np.concatenate(matched)
+        offset += grid * grid
+    return np.concatenate(labels), np.concatenate(matched), pairs
+
+
+def _pairs(t, image):
+    """The (instance, cell) pairs of one image's targets, in their order."""
+    valid = t.pair_instances[image] >= 0
+    assert torch.equal(valid, t.pair_cells[image] >= 0)
+    return list(zip(t.pair_instances[image][valid].tolist(), t.pair_cells[image][valid].tolist()))
 
 
 @pytest.mark.parametrize("stem", ["0", "7", "15"])
@@ -199,12 +252,46 @@ def test_matches_a_per_instance_loop_on_real_fruit_masks(stem):
     grids, ranges = [40, 36, 24, 16, 12], [(1, 48), (24, 96), (48, 192), (96, 384), (192, 2048)]
     t = assign_targets([inst], padded, grids, ranges, 0.2, 3, 4)
     masks = BitMasks.from_polygon_masks(polygons, *padded).tensor.numpy()
-    ref_labels, ref_matched = _loop_reference(
+    ref_labels, ref_matched, ref_pairs = _loop_reference(
         masks, inst.gt_boxes.tensor.double().numpy(), labels, padded, grids, ranges, 0.2, 3
     )
     np.testing.assert_array_equal(t.labels[0].numpy(), ref_labels)
     np.testing.assert_array_equal(t.matched[0].numpy(), ref_matched)
     assert (ref_matched >= 0).sum() > 2 * len(labels)
+    # Every (instance, cell) pair once, instance by instance (then level, then row-major).
+    assert _pairs(t, 0) == sorted(ref_pairs)
+
+
+# COCO photos whose instances share cells at the short side 800 of the references' training:
+# val 397133 (19 instances: 83 pairs on 80 cells), train 488571 (21 instances: 163 on 136).
+COCO = SHARED / "data" / "coco_mini"
+
+
+@pytest.mark.parametrize("split, image_id", [("val2017", 397133), ("train2017", 488571)])
+def test_matches_a_per_instance_loop_on_coco_photos_with_shared_cells(split, image_id):
+    data = json.loads((COCO / "annotations" / f"instances_{split}.json").read_text())
+    image = next(x for x in data["images"] if x["id"] == image_id)
+    anns = [a for a in data["annotations"] if a["image_id"] == image_id and not a["iscrowd"]]
+    size = (image["height"], image["width"])
+    scale = min(800 / min(size), 1333 / max(size))
+    h, w = (round(x * scale) for x in size)
+    polygons = [[np.asarray(p, np.float64) * scale for p in a["segmentation"]] for a in anns]
+    inst = Instances((h, w))
+    inst.gt_masks = PolygonMasks(polygons)
+    inst.gt_classes = torch.tensor([a["category_id"] % 80 for a in anns])
+    inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
+    padded = (-(-h // 32) * 32, -(-w // 32) * 32)
+    t = assign_targets([inst], padded, DEFAULT_GRIDS, DEFAULT_RANGES, 0.2, 80, 4)
+    masks = BitMasks.from_polygon_masks(polygons, *padded).tensor.numpy()
+    ref_labels, ref_matched, ref_pairs = _loop_reference(
+        masks, inst.gt_boxes.tensor.double().numpy(), inst.gt_classes.tolist(), padded,
+        DEFAULT_GRIDS, DEFAULT_RANGES, 0.2, 80,
+    )  # fmt: skip
+    np.testing.assert_array_equal(t.labels[0].numpy(), ref_labels)
+    np.testing.assert_array_equal(t.matched[0].numpy(), ref_matched)
+    assert _pairs(t, 0) == sorted(ref_pairs)
+    expected = {397133: (83, 80), 488571: (163, 136)}[image_id]
+    assert (len(ref_pairs), (ref_matched >= 0).sum()) == expected
 
 
 @pytest.mark.parametrize("shape", [(3, 40, 64), (2, 600, 2100), (1, 7, 13), (0, 8, 8)])
@@ -277,5 +364,5 @@ def test_cuda_targets_equal_the_cpu_ones_without_synchronising(polygons):
         gpu = assign_targets(on_gpu, *FRUIT_ARGS, 0.2, 3, 4)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    for name in ("labels", "matched", "masks"):
+    for name in ("labels", "matched", "masks", "pair_cells", "pair_instances"):
         assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
