@@ -4,18 +4,18 @@ import pytest
 import torch
 
 from solov2_d2.inference.cpu import cropped_paste
-from solov2_d2.inference.cpu.cropped_paste import NEAR_MARGIN, paste_cropped
-from solov2_d2.inference.pipeline import SOLOv2PostProcessor
+from solov2_d2.inference.cpu.blocks import CROP_FRACTION, NEAR_MARGIN
+from solov2_d2.inference.cpu.cropped_paste import paste_cropped
+from solov2_d2.inference.masks import paste_masks
 
-STRIDES = [8, 8, 16, 32, 32]
-COVERAGE_LIMIT = cropped_paste._DENSE_FRACTION
+COVERAGE_LIMIT = CROP_FRACTION
 
 
 @pytest.fixture(autouse=True)
 def crops_of_any_coverage(monkeypatch):
     """The small maps of these tests are mostly covered by their masks' crops: the equality
     tests take the cropped path whatever the coverage (the limit has a test of its own)."""
-    monkeypatch.setattr(cropped_paste, "_DENSE_FRACTION", 1.0)
+    monkeypatch.setattr(cropped_paste, "CROP_FRACTION", 1.0)
 
 
 def _blobs(size, centres, radii, sharpness=3.0):
@@ -53,10 +53,8 @@ def _edge_blobs(size):
 
 
 def _plain(soft, thresh, stride, image_size):
-    proc = SOLOv2PostProcessor(
-        strides=STRIDES, mask_stride=stride, mask_thresh=thresh, inference_path="plain"
-    )
-    return proc.paste(soft, image_size, image_size)
+    """The plain computation's pasting of every mask over the whole map."""
+    return paste_masks(soft, image_size, image_size, stride, thresh)
 
 
 def _assert_equal_to_plain(soft, stride, image_size, thresh=0.5, max_bytes=1 << 24):
@@ -172,7 +170,7 @@ def test_small_chunks(stride, max_bytes):
 def test_gives_up_where_the_crops_cover_more_than_the_limit(side, monkeypatch):
     """Squares of `side` mask pixels in a 64 x 64 map: crops of side + 4 (2 pixels around), so a
     coverage of (side + 4)^2 / 64^2 against the limit."""
-    monkeypatch.setattr(cropped_paste, "_DENSE_FRACTION", COVERAGE_LIMIT)
+    monkeypatch.setattr(cropped_paste, "CROP_FRACTION", COVERAGE_LIMIT)
     soft = torch.full((3, 64, 64), 0.1)
     for i, top in enumerate([0, 20, 64 - side]):
         soft[i, top : top + side, 10 : 10 + side] = 0.9

@@ -1,5 +1,7 @@
-"""The block-bounded mask scoring of the CPU's fast path (`MaskBlocks`) against the plain
-computation of every pixel, and the whole post-processor's fast path against its plain one."""
+"""The CPU's computation of the candidate masks (`solov2_d2.inference.cpu.block_masks`): the
+block-bounded mask scoring (`MaskBlocks`) against the plain computation of every pixel, the int8
+intersections against the float32 product, the choice of the computation, and the whole
+post-processor's fast paths against its plain one."""
 import math
 
 import pytest
@@ -7,11 +9,19 @@ import torch
 import torch.nn.functional as F
 from devices import needs_cuda
 
-from solov2_d2 import block_groups, block_masks, cropped_paste
 from solov2_d2.inference import pipeline as pp
-from solov2_d2.inference.cpu.block_scoring import BLOCK, DENSE_FRACTION, BlockBits, MaskBlocks
-from solov2_d2.inference.cpu.cropped_paste import NEAR_MARGIN, paste_cropped
-from solov2_d2.inference.cpu.int8_intersections import mask_intersections_float
+from solov2_d2.inference.cpu import CPUCandidateMasks, block_masks
+from solov2_d2.inference.cpu import blocks as cpu_blocks
+from solov2_d2.inference.cpu import cropped_paste
+from solov2_d2.inference.cpu.block_masks import (
+    BlockBits,
+    MaskBlocks,
+    _int8_products_work,
+    dense_intersections,
+)
+from solov2_d2.inference.cpu.blocks import BLOCK, DENSE_FRACTION, NEAR_MARGIN
+from solov2_d2.inference.cpu.cropped_paste import paste_cropped
+from solov2_d2.inference.masks import CandidateMasks, mask_intersections, paste_masks
 from solov2_d2.inference.pipeline import SOLOv2PostProcessor
 
 GRIDS = [40, 36, 24, 16, 12]
@@ -289,7 +299,7 @@ def test_block_bits_select_cat_and_intersections(one_thread):
     assert dense.shape == (2, 40, 61 * 77) and dense.flatten(2).any(dim=2).sum() > 40
     counts = bits.intersections()
     assert counts.dtype == torch.float32
-    assert torch.equal(counts, mask_intersections_float(dense))
+    assert torch.equal(counts, mask_intersections(dense))
     # The kept blocks' probabilities: the plain ones, pixels row by row.
     inside = _inside((61, 77), [(61, 77), (50, 35)])
     plain = torch.bmm(kernels, features.flatten(2)).sigmoid() * inside
@@ -300,9 +310,16 @@ def test_block_bits_select_cat_and_intersections(one_thread):
     chosen = bits.select(order)
     assert chosen.shape == (2, 25, 61 * 77)
     assert torch.equal(chosen.dense(), dense[torch.arange(2)[:, None], order])
-    assert torch.equal(chosen.intersections(), mask_intersections_float(chosen.dense()))
+    assert torch.equal(chosen.intersections(), mask_intersections(chosen.dense()))
     chosen_plain = plain[torch.arange(2)[:, None], order]
     assert torch.equal(_block_values(chosen), _plain_block_values(chosen_plain, chosen))
+
+
+def _kept(kept):
+    """The tensors of `KeptMasks`: the probabilities, then the rows and the columns near the
+    threshold."""
+    rows, cols = kept.near_lines
+    return kept.probs, rows, cols
 
 
 def _block_values(bits):
@@ -332,7 +349,8 @@ def test_block_values_are_dropped_beyond_their_memory_budget(monkeypatch, one_th
     assert torch.equal(without.dense(), with_values.dense())
     assert BlockBits.cat([with_values, without]).values is None
     near = 0.5 - NEAR_MARGIN
-    for ours, alone in zip(blocks.probs(kernels, near, without), blocks.probs(kernels, near)):
+    expected = _kept(blocks.probs(kernels, near))
+    for ours, alone in zip(_kept(blocks.probs(kernels, near, without)), expected):
         assert torch.equal(ours, alone)
 
 
@@ -368,27 +386,30 @@ def test_probs_are_exact_around_the_pixels_that_may_pass(
     assert fast.shape == (2, 32, size[0] * size[1])
     plain = torch.bmm(kernels, features.flatten(2)).sigmoid() * inside
     above = (plain > near).view(2, 32, *size)
-    assert torch.equal(kept.rows, above.any(dim=3)) and torch.equal(kept.cols, above.any(dim=2))
+    rows, cols = kept.near_lines
+    assert torch.equal(rows, above.any(dim=3)) and torch.equal(cols, above.any(dim=2))
     assert ((fast == plain) | ((fast == 0) & (plain <= near))).all()
     around = F.max_pool2d((plain > near).float().view(-1, 1, *size), 5, stride=1, padding=2)
     around = around.view_as(plain) > 0
     assert around.sum() > 1000 and torch.equal(fast[around], plain[around])
-    proc = SOLOv2PostProcessor(
-        strides=STRIDES, mask_stride=4, mask_thresh=thresh, inference_path="plain"
-    )
+
+    def paste(probs, image, output):
+        """The plain computation's pasting."""
+        return paste_masks(probs, image, output, 4, thresh)
+
     for i, (h, w) in enumerate(extents):
         soft = [x[i].view(-1, *size)[:, :h, :w] for x in (fast, plain)]
         image = (4 * h - 3, 4 * w - 1)
-        expected = proc.paste(soft[1], image, image)
+        expected = paste(soft[1], image, image)
         found = paste_cropped(soft[0], thresh, 4, image, 1 << 24)
-        lines = (kept.rows[i, :, :h], kept.cols[i, :, :w])
+        lines = (rows[i, :, :h], cols[i, :, :w])
         given = paste_cropped(soft[0], thresh, 4, image, 1 << 24, lines)
         assert found is not None and expected[0].any()
         assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
         assert torch.equal(given[0], expected[0]) and torch.equal(given[1], expected[1])
         for output in [(4 * h - 3, 4 * w - 1), (301, 197)]:
-            ours = proc.paste(soft[0], image, output)
-            theirs = proc.paste(soft[1], image, output)
+            ours = paste(soft[0], image, output)
+            theirs = paste(soft[1], image, output)
             assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
 
 
@@ -401,14 +422,16 @@ def test_products_in_small_groups(rows, monkeypatch, one_thread):
     probs = blocks.probs(kernels, 0.5 - NEAR_MARGIN)
     known = whole[2]
     with_known = blocks.probs(kernels, 0.5 - NEAR_MARGIN, known)
-    monkeypatch.setattr(block_groups, "_GROUP_ROWS", rows)
+    monkeypatch.setattr(cpu_blocks, "_GROUP_ROWS", rows)
     grouped = blocks.score(kernels, valid, 0.5)
     assert torch.equal(grouped[0], whole[0]) and torch.equal(grouped[1], whole[1])
     assert torch.equal(grouped[2].dense(), whole[2].dense())
     assert torch.equal(grouped[2].intersections(), whole[2].intersections())
-    for ours, theirs in zip(blocks.probs(kernels, 0.5 - NEAR_MARGIN), probs):
+    for ours, theirs in zip(_kept(blocks.probs(kernels, 0.5 - NEAR_MARGIN)), _kept(probs)):
         assert torch.equal(ours, theirs)
-    for ours, theirs in zip(blocks.probs(kernels, 0.5 - NEAR_MARGIN, known), with_known):
+    for ours, theirs in zip(
+        _kept(blocks.probs(kernels, 0.5 - NEAR_MARGIN, known)), _kept(with_known)
+    ):
         assert torch.equal(ours, theirs)
     expected = _plain(features, kernels, _inside((64, 80), [(64, 80), (58, 68)]), 0.5)
     _assert_valid_equal(grouped, expected, valid)
@@ -495,12 +518,12 @@ def _heavy_load(batch, mask_size, seed, classes=5, dim=16):
 
 
 def _spy(monkeypatch):
-    """Record, per call of `MaskBlocks.score`, `MaskBlocks.probs` and the post-processor's
-    `paste_cropped`, whether the fast path computed the result (not None).
+    """Record, per call of `MaskBlocks.score`, `MaskBlocks.probs` and `paste_cropped` (as the
+    CPU's computation calls it), whether the fast path computed the result (not None).
 
     The maps of these tests are small, so their masks' crops cover more of them than in real
     images: cropped pasting is taken up to half the map covered."""
-    monkeypatch.setattr(cropped_paste, "_DENSE_FRACTION", 0.5)
+    monkeypatch.setattr(cropped_paste, "CROP_FRACTION", 0.5)
     calls = {"score": [], "probs": [], "paste": []}
 
     def spy(name, real):
@@ -513,7 +536,7 @@ def _spy(monkeypatch):
 
     monkeypatch.setattr(MaskBlocks, "score", spy("score", MaskBlocks.score))
     monkeypatch.setattr(MaskBlocks, "probs", spy("probs", MaskBlocks.probs))
-    monkeypatch.setattr(pp, "paste_cropped", spy("paste", pp.paste_cropped))
+    monkeypatch.setattr(block_masks, "paste_cropped", spy("paste", block_masks.paste_cropped))
     return calls
 
 
@@ -523,8 +546,13 @@ def _fast_and_plain(cate, kernels, features, sizes, outputs, **kwargs):
     extents = [(-(-h // 4), -(-w // 4)) for h, w in sizes]
     results = []
     for path in ["fast", "plain"]:
-        proc = SOLOv2PostProcessor(strides=STRIDES, mask_stride=4, inference_path=path, **kwargs)
+        proc = SOLOv2PostProcessor(
+            strides=STRIDES, mask_stride=4, inference_path=path, fast_masks=CPUCandidateMasks,
+            **kwargs,
+        )
         results.append(proc(cate, kernels, features, extents, sizes, outputs))
+    # "plain" turns every fast path off.
+    assert set(proc.last_paths.values()) == {"plain"}
     for fast, plain in zip(*results):
         assert fast.image_size == plain.image_size
         assert torch.equal(fast.scores, plain.scores)
@@ -590,7 +618,9 @@ def test_post_processor_with_one_candidate_per_image(monkeypatch, one_thread):
         cate, kernels, features = _compact_load(2, 1, (64, 80), seed=seed)
         results = []
         for path in ["fast", "plain"]:
-            proc = SOLOv2PostProcessor(strides=STRIDES, mask_stride=4, inference_path=path)
+            proc = SOLOv2PostProcessor(
+                strides=STRIDES, mask_stride=4, inference_path=path, fast_masks=CPUCandidateMasks
+            )
             results.append(proc(cate, kernels, features, extents, sizes, sizes))
         for fast, plain in zip(*results):
             assert len(fast) == len(plain) <= 1
@@ -636,3 +666,154 @@ def test_post_processor_fast_path_on_cuda(monkeypatch):
     found = _fast_and_plain(*on_cuda, sizes, sizes)
     assert all(r.pred_masks.is_cuda and len(r) > 20 for r in found)
     assert any(calls["score"]) and any(calls["paste"])
+
+
+# The int8 intersections: `dense_intersections` against the float32 product, count for count.
+
+# A torch without working int8 products (`torch._int_mm` is private) takes the float32 one.
+needs_int8_products = pytest.mark.skipif(
+    not _int8_products_work(), reason="this torch has no working torch._int_mm on the CPU"
+)
+
+
+@pytest.fixture
+def int8_check_again():
+    """`_int8_products_work` checked afresh for the test (which may change torch) and after it."""
+    _int8_products_work.cache_clear()
+    yield
+    _int8_products_work.cache_clear()
+
+
+@needs_int8_products
+@pytest.mark.parametrize("shape", [(2, 0, 37), (1, 1, 9), (3, 17, 1000), (2, 33, 4097), (1, 5, 8)])
+def test_int8_counts_equal_the_float_matrix_product(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    masks = torch.rand(shape, generator=g) > torch.rand(shape[0], shape[1], 1, generator=g)
+    expected = mask_intersections(masks)
+    counts = dense_intersections(masks)
+    assert counts.dtype == torch.float32 and counts.shape == (shape[0], shape[1], shape[1])
+    assert torch.equal(counts, expected)
+    # Diagonal: the areas.
+    assert torch.equal(counts.diagonal(dim1=1, dim2=2), masks.sum(dim=2).float())
+
+
+def _dense_masks(seed):
+    """`CPUCandidateMasks` of a small batch (no blocks: intersections of dense masks)."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(2, 8, 12, 16, generator=g)
+    kernels, valid = torch.randn(2, 4, 8, generator=g), torch.ones(2, 4, dtype=torch.bool)
+    masks = CPUCandidateMasks(features, None, 0.5, 4, 256, kernels=kernels, valid=valid)
+    assert masks.blocks is None
+    return masks
+
+
+@needs_int8_products
+def test_a_strided_view_and_the_dispatch():
+    masks = torch.rand(2, 40, 300) > 0.3
+    view = masks[:, ::2]  # not contiguous
+    assert torch.equal(dense_intersections(view), mask_intersections(view))
+    # Float inputs and masks of fewer than 8 pixels take the plain path.
+    tiny = masks[..., :1]
+    assert dense_intersections(masks.half()) is None and dense_intersections(tiny) is None
+    computation = _dense_masks(1)
+    assert torch.equal(computation.intersections(view), mask_intersections(view))
+    assert computation.paths == {"intersections": "int8"}
+    assert torch.equal(computation.intersections(masks.half()), mask_intersections(masks))
+    assert torch.equal(computation.intersections(tiny), mask_intersections(tiny))
+    assert computation.paths == {"intersections": "int8+plain"}
+
+
+@needs_int8_products
+def test_counts_beyond_half_precision():
+    masks = torch.ones(1, 3, 300 * 300, dtype=torch.bool)
+    masks[0, 2, 70_000:] = False
+    counts = dense_intersections(masks)
+    assert counts[0].tolist() == [[90_000.0] * 2 + [70_000.0]] * 2 + [[70_000.0] * 3]
+
+
+@needs_int8_products
+@pytest.mark.parametrize("seed", range(3))
+def test_dense_intersections_equal_the_plain_ones_on_random_masks(seed):
+    """Random bool masks of random densities, batches and sizes, contiguous or not."""
+    g = torch.Generator().manual_seed(seed)
+    b, n, p = 1 + seed, int(torch.randint(1, 80, (1,), generator=g)), 8 + 997 * seed
+    density = torch.rand(b, n, 1, generator=g)
+    masks = torch.rand(b, n, 2 * p, generator=g) < density
+    for x in [masks, masks[..., ::2], masks[:, ::2]]:
+        counts = dense_intersections(x)
+        assert counts is not None and torch.equal(counts, mask_intersections(x))
+
+
+def _fail(*args):
+    raise RuntimeError("int8 products are not supported here")
+
+
+def _int_mm_missing(monkeypatch):
+    monkeypatch.delattr(torch, "_int_mm")
+    _int8_products_work.cache_clear()  # checked again, without them
+
+
+def _int_mm_failing(monkeypatch):
+    monkeypatch.setattr(torch, "_int_mm", _fail)
+    _int8_products_work.cache_clear()
+
+
+def _int_mm_failing_after_the_check(monkeypatch):
+    assert _int8_products_work()  # checked with the real products, which then fail
+    monkeypatch.setattr(torch, "_int_mm", _fail)
+
+
+@needs_int8_products
+@pytest.mark.parametrize(
+    "breaking", [_int_mm_missing, _int_mm_failing, _int_mm_failing_after_the_check]
+)
+def test_without_working_int8_products_the_plain_intersections(
+    breaking, monkeypatch, int8_check_again, one_thread
+):
+    """Without `torch._int_mm`, or where it raises: `dense_intersections` gives None, and the
+    post-processor takes the plain intersections with the same detections."""
+    cate, kernels, features = _heavy_load(2, (32, 40), seed=2)
+    sizes = [(128, 160), (100, 130)]
+    extents = [(32, 40), (25, 33)]
+    proc = SOLOv2PostProcessor(
+        strides=STRIDES, mask_stride=4, inference_path="fast", fast_masks=CPUCandidateMasks
+    )
+    with_int8 = proc(cate, kernels, features, extents, sizes, sizes)
+    assert proc.last_paths["intersections"] == "int8"
+    assert proc.last_paths["scoring"] == "plain"  # large masks: dense binary masks
+    masks = torch.rand(2, 30, 500) > 0.5
+    breaking(monkeypatch)
+    assert dense_intersections(masks) is None
+    found = proc(cate, kernels, features, extents, sizes, sizes)
+    assert proc.last_paths["intersections"] == "plain"
+    assert len(found) == 2 and all(len(r) > 20 for r in found)
+    for ours, theirs in zip(found, with_int8):
+        assert torch.equal(ours.scores, theirs.scores)
+        assert torch.equal(ours.pred_classes, theirs.pred_classes)
+        assert torch.equal(ours.pred_masks, theirs.pred_masks)
+        assert torch.equal(ours.pred_boxes.tensor, theirs.pred_boxes.tensor)
+
+
+# The choice of the computation.
+
+
+def _choose(monkeypatch, exporting, force):
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: exporting)
+    features, kernels, valid, _ = _blob_case(8, (61, 77), (50, 35), 40, largest=0.4)
+    return CPUCandidateMasks.choose(
+        features, None, 0.5, 4, 256, kernels=kernels, valid=valid, force=force
+    )
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_choose_takes_the_cpu_computation_on_the_cpu(force, monkeypatch):
+    chosen = _choose(monkeypatch, exporting=False, force=force)
+    assert isinstance(chosen, CPUCandidateMasks) and chosen.force == force
+
+
+def test_choose_takes_the_plain_computation_while_exporting(monkeypatch):
+    """A graph being exported holds the plain computation (unless forced)."""
+    chosen = _choose(monkeypatch, exporting=True, force=False)
+    assert type(chosen) is CandidateMasks
+    forced = _choose(monkeypatch, exporting=True, force=True)
+    assert isinstance(forced, CPUCandidateMasks)
