@@ -14,9 +14,18 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import first_last, masks_to_boxes
-from .blocks import CROP_FRACTION, NEAR_MARGIN, REACH
 
-__all__ = ["paste_cropped"]
+__all__ = ["CROP_FRACTION", "NEAR_MARGIN", "REACH", "paste_cropped"]
+
+# Bilinear interpolation reads mask pixels at most this far from an output pixel's position:
+# upsampling, then resizing to the output, both bilinear. Each crop keeps this margin so that its
+# interpolation equals the whole map's, and the kept masks' probabilities must be exact this far
+# around their pixels near the threshold (`block_masks.MaskBlocks.probs`).
+REACH = 2
+# Mask pixels this far below the threshold cannot give an upsampled value above it.
+NEAR_MARGIN = 1e-3
+# Above this fraction of the mask map covered by the crops, upsampling everything is cheaper.
+CROP_FRACTION = 0.125
 
 # Outputs of at most this many pixels are written through int32 positions.
 _INT32_POSITIONS = torch.iinfo(torch.int32).max

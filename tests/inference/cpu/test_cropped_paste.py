@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from solov2_d2.inference.cpu import cropped_paste
-from solov2_d2.inference.cpu.blocks import CROP_FRACTION, NEAR_MARGIN
-from solov2_d2.inference.cpu.cropped_paste import paste_cropped
+from solov2_d2.inference.cpu.cropped_paste import CROP_FRACTION, NEAR_MARGIN, paste_cropped
 from solov2_d2.inference.masks import paste_masks
 
 COVERAGE_LIMIT = CROP_FRACTION
