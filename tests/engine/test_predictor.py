@@ -1,5 +1,6 @@
-"""SOLOv2Predictor: arrays of other types, layouts and ranges get a clear error or a documented
-conversion before detectron2's resize; weights that leave the model random are refused."""
+"""SOLOv2Predictor: arrays of other types, layouts, ranges and shapes get a clear error or a
+documented conversion before detectron2's resize; weights that leave the model random are
+refused."""
 import cv2
 import numpy as np
 import pytest
@@ -46,6 +47,8 @@ def _same(a, b):
     a, b = a["instances"], b["instances"]
     assert len(a) > 0
     assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_masks, b.pred_masks)
+    assert torch.equal(a.pred_classes, b.pred_classes)
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int64, np.int32])
@@ -67,11 +70,26 @@ def test_bool_arrays_are_refused(predictor, photo):
         predictor(photo > 100)
 
 
-def test_float_images_in_0_255_are_float32(predictor, photo):
-    converted = image_for_predictor(photo.astype(np.float64))
-    assert converted.dtype == np.float32 and np.array_equal(converted, photo)
-    # Detectron2 resizes float arrays with torch (uint8 ones with PIL): close, not equal.
-    assert len(predictor(photo.astype(np.float64))["instances"]) > 0
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_float_images_of_integer_values_give_the_uint8_detections(predictor, photo, dtype):
+    """Detectron2 resizes float arrays with torch without antialiasing (uint8 ones with PIL):
+    the same picture would give other detections as float. Integer values 0..255 are uint8."""
+    image = photo.astype(dtype)
+    converted = image_for_predictor(image)
+    assert converted.dtype == np.uint8 and np.array_equal(converted, photo)
+    _same(predictor(image), predictor(photo))
+
+
+def test_float_images_of_other_values_are_float32(predictor, photo):
+    image = np.minimum(photo.astype(np.float64) + 0.25, 255)
+    converted = image_for_predictor(image)
+    assert converted.dtype == np.float32 and np.array_equal(converted, image.astype(np.float32))
+    # 12.0000001 is no integer, although float32 would round it to 12.
+    nearly = photo.astype(np.float64)
+    nearly[0, 0, 0] = 12.0000001
+    assert image_for_predictor(nearly).dtype == np.float32
+    # Resized with torch (uint8 images with PIL): close to the uint8 detections, not equal.
+    assert len(predictor(image)["instances"]) > 0
 
 
 def test_float_images_in_0_1_are_refused(predictor, photo):
@@ -102,6 +120,23 @@ def test_2d_grayscale_is_a_one_channel_image(predictor, photo):
     out = predictor(gray)
     assert out["instances"].image_size == (72, 96)
     _same(out, predictor(gray[:, :, None]))
+
+
+def test_too_elongated_images_are_refused_with_shape_and_limit(predictor):
+    """MAX_SIZE_TEST 96: an image over 192 times longer than high would be resized to 0 rows
+    (detectron2 fails inside PIL: "height and width must be > 0")."""
+    out = predictor(np.full((1, 192, 3), 128, dtype=np.uint8))  # 0.5 rows, rounded to 1
+    assert out["instances"].image_size == (1, 192)
+    message = (
+        r"The image has shape \(1, 200, 3\): resized to a short side of 64 and a long side of "
+        r"at most INPUT.MAX_SIZE_TEST = 96, it would be 0x96 pixels. Its aspect ratio, 200.0:1, "
+        r"exceeds the limit 2 x INPUT.MAX_SIZE_TEST : 1 = 192:1"
+    )
+    for dtype in (np.uint8, np.float32):
+        with pytest.raises(ValueError, match=message):
+            predictor(np.full((1, 200, 3), 128, dtype=dtype))
+    with pytest.raises(ValueError, match=r"shape \(3000, 10, 1\).*it would be 96x0 pixels"):
+        predictor(np.zeros((3000, 10), dtype=np.uint8))
 
 
 @pytest.mark.parametrize("shape", [(0, 0, 3), (0, 10, 3), (10, 0)])
