@@ -35,7 +35,7 @@ _EXIF_TRANSPOSE = {  # as detectron2's _apply_exif_orientation
     8: Image.Transpose.ROTATE_90,
 }
 # PIL's modes of images with more than 8 bits per sample (it opens a 16-bit color PNG or TIFF
-# as "RGB" or "RGBA", with a ";16" raw mode: see _more_than_8_bits).
+# as "RGB" or "RGBA", with a raw mode such as "RGB;16B": see _more_than_8_bits).
 _WIDE_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
 # The errors of decoding a file that is not a readable image (PIL raises SyntaxError or
 # ValueError for some malformed headers, cv2.error for images over its pixel limit).
@@ -107,7 +107,8 @@ def _more_than_8_bits(image: Image.Image) -> bool:
     for tile in image.tile:
         args = tile[3]  # the decoder's arguments: the raw mode, or a tuple starting with it
         rawmode = args[0] if isinstance(args, tuple) and args else args
-        if isinstance(rawmode, str) and ";16" in rawmode:
+        # 16 bits per sample, big-, little-endian or native ("BGR;16" is 5-6-5 packed 8 bits)
+        if isinstance(rawmode, str) and rawmode.endswith((";16B", ";16L", ";16N")):
             return True
     return False
 
