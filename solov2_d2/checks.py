@@ -12,9 +12,9 @@ once with a message naming it instead of late or deep inside torch.
 * ``MODEL.SOLOV2.NUM_CLASSES`` must be the number of classes of the datasets trained or
   evaluated on: :func:`check_dataset_classes`. Fewer would train the others as background (or
   fail with an index error); more would give predictions the evaluator cannot map.
-* Inputs of the model: :func:`instances_with_masks` gives images without annotations the empty
-  masks detectron2's ``DatasetMapper`` leaves out; :func:`check_finite_image` refuses NaN and
-  infinite pixels, which would silently give no detection.
+* Ground truth of the model: :func:`instances_with_masks` gives images without annotations the
+  empty masks detectron2's ``DatasetMapper`` leaves out. (The model's own input check, of NaN
+  and infinite pixels, is ``solov2_d2.modeling.meta_arch.check_finite_image``.)
 """
 import os
 
@@ -28,7 +28,6 @@ from detectron2.utils.file_io import Detectron2Handler
 __all__ = [
     "check_amp_device",
     "check_dataset_classes",
-    "check_finite_image",
     "check_weights_are_local",
     "instances_with_masks",
     "weights_download_url",
@@ -127,18 +126,3 @@ def instances_with_masks(instances: Instances) -> Instances:
     empty = torch.zeros((0, *instances.image_size), dtype=torch.bool)
     instances.gt_masks = BitMasks(empty.to(instances.gt_classes.device))
     return instances
-
-
-def check_finite_image(image: torch.Tensor, what: str) -> None:
-    """Raise ValueError when a float image (`what`, e.g. "Input 0", names it in the message)
-    holds NaN or infinite values: the network would spread them into NaN scores and return no
-    detection, silently."""
-    if not image.is_floating_point():
-        return
-    finite = torch.isfinite(image)
-    if not finite.all():
-        raise ValueError(
-            f"{what}: image of shape {tuple(image.shape)} has "
-            f"{int(finite.numel() - finite.sum())} non-finite values (NaN or inf); replace "
-            "them first (e.g. np.nan_to_num) or drop the image."
-        )

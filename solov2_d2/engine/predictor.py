@@ -16,8 +16,8 @@ import torch
 import detectron2.data.transforms as T
 from detectron2.engine import DefaultPredictor
 
-from ..checks import check_finite_image
 from ..data.images import check_resizable
+from ..modeling.meta_arch import check_finite_image
 from .checkpoint import SOLOv2Checkpointer
 
 __all__ = ["SOLOv2Predictor", "image_for_predictor"]

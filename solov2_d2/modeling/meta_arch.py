@@ -10,7 +10,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList, Instances
 
-from ..checks import check_finite_image, instances_with_masks
+from ..checks import instances_with_masks
 from ..config import check_solov2_config
 from ..inference.cpu import CPUCandidateMasks
 from ..inference.pipeline import SOLOv2PostProcessor
@@ -19,7 +19,7 @@ from .heads import SOLOv2InstanceHead, SOLOv2MaskHead
 from .losses import category_focal_loss, positive_cells_dice_loss
 from .targets import SOLOv2Targets, assign_targets
 
-__all__ = ["HeadOutputs", "NetworkPolicy", "SOLOv2", "mask_extent"]
+__all__ = ["HeadOutputs", "NetworkPolicy", "SOLOv2", "check_finite_image", "mask_extent"]
 
 
 class HeadOutputs(NamedTuple):
@@ -402,3 +402,18 @@ class SOLOv2(nn.Module):
             "loss_cate": loss_cate * self.focal_weight,
             "loss_mask": loss_mask * self.dice_weight,
         }
+
+
+def check_finite_image(image: torch.Tensor, what: str) -> None:
+    """Raise ValueError when a float image (`what`, e.g. "Input 0", names it in the message)
+    holds NaN or infinite values: the network would spread them into NaN scores and return no
+    detection, silently."""
+    if not image.is_floating_point():
+        return
+    finite = torch.isfinite(image)
+    if not finite.all():
+        raise ValueError(
+            f"{what}: image of shape {tuple(image.shape)} has "
+            f"{int(finite.numel() - finite.sum())} non-finite values (NaN or inf); replace "
+            "them first (e.g. np.nan_to_num) or drop the image."
+        )
