@@ -16,6 +16,7 @@ over ``memory_allocated`` before it. Prints a Markdown table; ``--json`` also pr
 """
 import argparse
 import json
+from typing import Tuple
 
 import torch
 
@@ -92,11 +93,14 @@ def _losses(model, cfg, inputs):
     return step
 
 
-def positive_cells(model, inputs) -> int:
-    """The number of positive cells of the batch (the masks the Dice loss is computed for)."""
+def positive_cells(model, inputs) -> Tuple[int, int]:
+    """The numbers of positive cells of the batch and of the (cell, instance) pairs whose masks
+    the Dice loss computes (MODEL.SOLOV2.MASK_LOSS_PAIRS: more than the cells where instances
+    share cells with "all")."""
     gt = [x["instances"].to(model.device) for x in inputs]
     targets = model.assign_targets(gt, _padded_shape(model, inputs)[-2:])
-    return int((targets.matched >= 0).sum())
+    pairs, _ = targets.mask_pairs(model.mask_loss_pairs)
+    return int((targets.matched >= 0).sum()), int((pairs >= 0).sum())
 
 
 def measure_child(spec: dict) -> dict:
@@ -104,13 +108,14 @@ def measure_child(spec: dict) -> dict:
     device = torch.device(spec["device"])
     model, cfg = _build(spec["config"], spec["device"])
     inputs = _inputs(spec, cfg.MODEL.SOLOV2.NUM_CLASSES)
-    positives = positive_cells(model, inputs)
+    positives, pairs = positive_cells(model, inputs)
     step = {"iteration": _iteration, "losses": _losses}[spec["part"]](model, cfg, inputs)
     _, peak, increase = peak_memory_mb(step, device)
     return {
         "peak_mb": round(peak, 1),
         "increase_mb": round(increase, 1),
         "positive_cells": positives,
+        "mask_pairs": pairs,
     }
 
 
@@ -144,10 +149,13 @@ def main():
         f"{args.height}x{args.width}, {args.instances} instances each, {args.device}, "
         f"torch {torch.__version__}:\n"
     )
-    print("| part | positive cells | peak MB | increase MB |\n|---|---:|---:|---:|")
+    print(
+        "| part | positive cells | mask pairs | peak MB | increase MB |\n"
+        "|---|---:|---:|---:|---:|"
+    )
     for r in results:
         print(
-            f"| {r['part']} | {r['positive_cells']} | {r['peak_mb']:.0f} | "
+            f"| {r['part']} | {r['positive_cells']} | {r['mask_pairs']} | {r['peak_mb']:.0f} | "
             f"{r['increase_mb']:.0f} |"
         )
     if args.json:

@@ -211,23 +211,31 @@ def test_half_precision_inputs_give_float32_losses(dtype):
 
 
 @needs_cuda
-def test_cuda_dice_loss_in_amp_synchronises_once_and_holds_one_chunk():
+@pytest.mark.parametrize("pairs", [False, True])
+def test_cuda_dice_loss_in_amp_synchronises_once_and_holds_one_chunk(pairs):
     """On the GPU under float16 autocast: one host synchronisation; finite float32 loss within
     5e-3 of float32 on the CPU (float16 logits; TF32 products, if enabled, are finer); the peak
     memory of forward and backward stays below half of one float copy of the positive cells'
-    masks, which the plain formulation would hold several times."""
-    features, kernels, targets, matched = _cells_batch(cells=1200, size=(260, 260))
-    ref = positive_cells_dice_loss(features, kernels, targets, matched)
+    (or pairs') masks, which the plain formulation would hold several times."""
+    if pairs:
+        features, kernels, targets, matched, cells = _pairs_batch(
+            cells=1200, size=(260, 260), width=1500
+        )
+    else:
+        features, kernels, targets, matched = _cells_batch(cells=1200, size=(260, 260))
+        cells = None
+    ref = positive_cells_dice_loss(features, kernels, targets, matched, cells)
     one_float_copy = int((matched >= 0).sum()) * 260 * 260 * 4
     features, kernels = (x.detach().cuda().requires_grad_() for x in (features, kernels))
     targets, matched = targets.cuda(), matched.cuda()
+    cells = None if cells is None else cells.cuda()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
 
     def step():
         with torch.autocast("cuda", dtype=torch.float16):
             loss = positive_cells_dice_loss(
-                features, kernels, targets, matched, chunk_elements=1 << 20
+                features, kernels, targets, matched, cells, chunk_elements=1 << 20
             )
         loss.backward()
         return loss
@@ -280,6 +288,23 @@ def test_chunked_dice_loss_of_pairs_equals_a_loop_over_the_pairs(cells_per_chunk
     torch.testing.assert_close(ours, ref)
     for g, g_ref in zip(_grads(ours, features, kernels), _grads(ref, features, kernels)):
         torch.testing.assert_close(g, g_ref)
+
+
+def test_memory_kept_for_backward_does_not_grow_with_the_pairs():
+    """With several instances per cell, as with one: what is kept for the backward pass grows
+    with the inputs only, not with pairs x pixels."""
+    features, kernels, targets, matched, pair_cells = _pairs_batch(
+        cells=400, size=(64, 64), width=1500
+    )
+    inputs = sum(x.nbytes for x in (features, kernels, targets, matched, pair_cells))
+    one_float_copy = int((matched >= 0).sum()) * 64 * 64 * 4
+    assert one_float_copy > 2 * inputs
+    ours = _bytes_saved_for_backward(
+        lambda: positive_cells_dice_loss(
+            features, kernels, targets, matched, pair_cells, chunk_elements=4096
+        )
+    )
+    assert ours < inputs + 0.05 * one_float_copy
 
 
 def test_the_dice_loss_of_pairs_waits_for_the_device_once():
