@@ -42,6 +42,7 @@ from detectron2.engine import (
     TrainerBase,
     default_argument_parser,
     default_setup,
+    hooks,
 )
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator, verify_results
 from detectron2.utils.file_io import PathManager
@@ -57,8 +58,10 @@ from solov2_d2.data import (
     refresh_coco_json,
 )
 from solov2_d2.engine.checkpoint import SOLOv2Checkpointer
+from solov2_d2.engine.ema import add_model_ema_hook
 from solov2_d2.engine.launch import create_ddp_model, launch
 from solov2_d2.engine.solver import build_optimizer
+from solov2_d2.modeling.test_time_augmentation import SOLOv2WithTTA
 
 
 class Trainer(DefaultTrainer):
@@ -95,6 +98,17 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        """detectron2's hooks; with TEST.AUG.ENABLED also an evaluation with test-time
+        augmentation after training; with MODEL_EMA.ENABLED the weight average, which every
+        evaluation and model_final.pth use (solov2_d2.engine.ema)."""
+        ret = super().build_hooks()
+        if self.cfg.TEST.AUG.ENABLED:  # after the plain evaluation, before the writers
+            last = max(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
+            tta = hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model))
+            ret.insert(last + 1, tta)
+        return add_model_ema_hook(self, ret)
 
     def resume_or_load(self, resume=True):
         """detectron2's, and the data stream skips the batches of the iterations done."""
@@ -156,6 +170,24 @@ class Trainer(DefaultTrainer):
         )
 
     @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """The evaluation of :meth:`test` with test-time augmentation (TEST.AUG, SOLOv2WithTTA):
+        results keyed "<task>_TTA", written under OUTPUT_DIR/inference_TTA."""
+        logging.getLogger("detectron2.trainer").info("Evaluation with test-time augmentation")
+        folder = os.path.join(cfg.OUTPUT_DIR, "inference_TTA")
+        evaluators = [
+            cls.build_evaluator(cfg, name, output_folder=os.path.join(folder, name))
+            for name in cfg.DATASETS.TEST
+        ]
+        results = super().test(cfg, SOLOv2WithTTA(cfg, model), evaluators)
+        results = {f"{k}_TTA": v for k, v in results.items()}
+        if comm.is_main_process():
+            PathManager.mkdirs(folder)
+            with PathManager.open(os.path.join(folder, "results.json"), "w") as f:
+                json.dump(results, f, indent=2)
+        return results
+
+    @classmethod
     def test(cls, cfg, model, evaluators=None):
         """detectron2's evaluation on every test dataset; the main process also writes the
         results to OUTPUT_DIR/inference/results.json (overwritten by each evaluation)."""
@@ -204,6 +236,8 @@ def main(args):
             model, save_dir=cfg.OUTPUT_DIR, require_complete=not args.eval_incomplete_weights
         ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
         return res

@@ -75,6 +75,14 @@ def add_solov2_config(cfg):
     _C.UPDATE_THRESH_TEST = 0.05
     _C.MAX_PER_IMAGE_TEST = 100
 
+    # Exponential moving average of the weights in training (solov2_d2.engine.ema): used by
+    # every evaluation and saved as model_final.pth's "model". The k-th update's decay is
+    # DECAY * (1 - exp(-k / WARMUP_ITERS)) (DECAY from the start with WARMUP_ITERS 0).
+    cfg.MODEL_EMA = CN()
+    cfg.MODEL_EMA.ENABLED = False
+    cfg.MODEL_EMA.DECAY = 0.999
+    cfg.MODEL_EMA.WARMUP_ITERS = 2000
+
 
 def check_solov2_config(cfg):
     """Raise ValueError naming the keys when SOLOv2 settings disagree with each other."""

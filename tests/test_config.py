@@ -19,9 +19,9 @@ def solov2_cfg():
     return cfg
 
 
-def test_only_model_solov2_is_added():
+def test_only_model_solov2_and_model_ema_are_added():
     cfg, plain = solov2_cfg(), get_cfg()
-    assert cfg.MODEL.pop("SOLOV2") and cfg == plain
+    assert cfg.MODEL.pop("SOLOV2") and cfg.pop("MODEL_EMA") and cfg == plain
 
 
 def test_every_key_is_read_by_the_package():
