@@ -57,6 +57,20 @@ def add_solov2_config(cfg):
     # "last_owner": the last claiming instance only (the category target in both cases).
     _C.MASK_LOSS_PAIRS = "all"
 
+    # Training augmentations (solov2_d2.data.augmentation), all off as published; checked by
+    # check_augmentation_config. Large-scale jitter: ResizeScale(MIN_SCALE, MAX_SCALE, SIZE,
+    # SIZE) + FixedSizeCrop(SIZE) in place of ResizeShortestEdge.
+    cfg.INPUT.LSJ = CN({"ENABLED": False, "SIZE": 1024, "MIN_SCALE": 0.1, "MAX_SCALE": 2.0})
+    cfg.INPUT.LSJ.PAD_VALUE = 128.0
+    # Brightness, contrast, saturation: intensity ranges [min, max] (1 leaves the image alone).
+    cfg.INPUT.COLOR_JITTER = CN({"ENABLED": False})
+    for key in ("BRIGHTNESS", "CONTRAST", "SATURATION"):
+        cfg.INPUT.COLOR_JITTER[key] = (0.8, 1.2)
+    # Instance copy-paste (solov2_d2.data.copy_paste): with probability PROB, instances of
+    # another training image are pasted; covered instances keeping less than
+    # MIN_VISIBLE_FRACTION of their pixels are dropped.
+    cfg.INPUT.COPY_PASTE = CN({"ENABLED": False, "PROB": 0.5, "MIN_VISIBLE_FRACTION": 0.05})
+
     # Inference.
     _C.SCORE_THRESH_TEST = 0.1
     # If > 0, at most this many candidates per image, taken by category score before any mask

@@ -13,7 +13,9 @@ states when a run resumes, so a resumed run trains on other batches. Here:
   so batch ``b`` is known without loading an image, and starting at batch ``b`` skips the
   first ``b`` batches of indices;
 * the ``k``-th sample of the stream is mapped with Python's, NumPy's and torch's global random
-  states seeded from (seed, rank, k), whatever process maps it;
+  states seeded from (seed, rank, k), whatever process maps it; a mapper that pastes instances
+  of a second image (``mapper.copy_paste``, :mod:`solov2_d2.data.copy_paste`) gets that image's
+  dataset dict too, chosen by a generator seeded from the same per-sample seed;
 * worker ``w`` of ``DATALOADER.NUM_WORKERS`` maps batches ``w, w + N, ...``, which the
   DataLoader returns in order.
 """
@@ -37,6 +39,7 @@ from detectron2.data.samplers import (
 )
 from detectron2.utils import comm
 
+from .copy_paste import COPY_PASTE_SOURCE
 from .mapper import SOLOv2DatasetMapper
 
 __all__ = ["ResumableTrainLoader", "build_resumable_train_loader"]
@@ -176,12 +179,26 @@ class ResumableTrainLoader:
                 number += 1
                 del bucket[:]
 
+    def paste_source(self, sample_seed: int, index: int) -> int:
+        """The index of the image whose instances are pasted onto image `index` (copy-paste),
+        drawn uniformly among the others (itself in a dataset of one image) by a generator
+        seeded from the sample's seed."""
+        if len(self.dataset) == 1:
+            return index
+        other = int(np.random.default_rng([sample_seed, 1]).integers(len(self.dataset) - 1))
+        return other + int(other >= index)
+
     def map_sample(self, position: int, index: int) -> dict:
         """The mapped dataset dict `index`, at `position` in the stream, with random states
         that depend on the seed, the rank and the position only."""
         sample_seed = np.random.SeedSequence([self.seed, self.rank, position]).generate_state(1)
-        with _seeded_global_rng(int(sample_seed[0])):
-            mapped = self.mapper(self.dataset[index])
+        sample_seed = int(sample_seed[0])
+        dataset_dict = self.dataset[index]
+        if getattr(self.mapper, "copy_paste", False):
+            source = self.dataset[self.paste_source(sample_seed, index)]
+            dataset_dict = {**dataset_dict, COPY_PASTE_SOURCE: source}
+        with _seeded_global_rng(sample_seed):
+            mapped = self.mapper(dataset_dict)
         if mapped is None:
             raise ValueError(
                 f"The mapper returned None for {self.dataset[index].get('file_name')}: this "
