@@ -88,6 +88,11 @@ def add_solov2_config(cfg):
     _C.NMS_SIGMA = 2.0
     _C.UPDATE_THRESH_TEST = 0.05
     _C.MAX_PER_IMAGE_TEST = 100
+    # Boxes of the detections: "tight", the masks' tight boxes; "main_parts", the tight boxes of
+    # the masks' main parts (8-connected parts at the mask features' resolution holding at least
+    # BOX_MIN_PART_FRACTION of the mask, and the largest), not widened by stray fragments.
+    _C.BOX_FROM = "tight"
+    _C.BOX_MIN_PART_FRACTION = 0.1
 
     # Exponential moving average of the weights in training (solov2_d2.engine.ema): used by
     # every evaluation and saved as model_final.pth's "model". The k-th update's decay is
@@ -148,6 +153,15 @@ def check_solov2_config(cfg):
         raise ValueError(
             f"MODEL.SOLOV2.INFERENCE_PATH = {c.INFERENCE_PATH!r}; expected 'auto', 'plain' or "
             "'fast'."
+        )
+    if c.BOX_FROM not in ("tight", "main_parts"):
+        raise ValueError(
+            f"MODEL.SOLOV2.BOX_FROM = {c.BOX_FROM!r}; expected 'tight' or 'main_parts'."
+        )
+    if not 0 <= c.BOX_MIN_PART_FRACTION <= 1:
+        raise ValueError(
+            f"MODEL.SOLOV2.BOX_MIN_PART_FRACTION = {c.BOX_MIN_PART_FRACTION}; expected a value "
+            "in [0, 1]."
         )
     if not 0 <= c.MASK_THRESH_TEST < 1:
         raise ValueError(

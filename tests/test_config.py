@@ -19,9 +19,13 @@ def solov2_cfg():
     return cfg
 
 
-def test_only_model_solov2_and_model_ema_are_added():
+def test_only_model_solov2_model_ema_and_input_augmentations_are_added():
     cfg, plain = solov2_cfg(), get_cfg()
-    assert cfg.MODEL.pop("SOLOV2") and cfg.pop("MODEL_EMA") and cfg == plain
+    assert cfg.MODEL.pop("SOLOV2") and cfg.pop("MODEL_EMA")
+    # The training augmentations (solov2_d2.data.augmentation), all off by default.
+    for key in ("LSJ", "COLOR_JITTER", "COPY_PASTE"):
+        assert cfg.INPUT.pop(key).ENABLED is False
+    assert cfg == plain
 
 
 def test_every_key_is_read_by_the_package():

@@ -18,7 +18,9 @@ __all__ = [
     "KeptMasks",
     "MIN_PRODUCT_ROWS",
     "ScoredMasks",
+    "connected_parts",
     "first_last",
+    "main_part_boxes",
     "mask_intersections",
     "masks_to_boxes",
     "paste_masks",
@@ -208,6 +210,116 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     x0, x1 = first_last(cols)
     boxes = torch.stack([x0, y0, x1 + 1, y1 + 1], dim=1).float()
     return boxes * rows.any(dim=1, keepdim=True)
+
+
+def _dilate(x: torch.Tensor) -> torch.Tensor:
+    """The maximum over each pixel's 3 x 3 neighbourhood of x [N, h, w] (values >= 0; outside
+    counts as 0), by shifted maxima: several times faster than max_pool2d on the CPU."""
+    y = x.clone()
+    y[:, 1:] = torch.maximum(y[:, 1:], x[:, :-1])
+    y[:, :-1] = torch.maximum(y[:, :-1], x[:, 1:])
+    z = y.clone()
+    z[:, :, 1:] = torch.maximum(z[:, :, 1:], y[:, :, :-1])
+    z[:, :, :-1] = torch.maximum(z[:, :, :-1], y[:, :, 1:])
+    return z
+
+
+def connected_parts(binary: torch.Tensor) -> torch.Tensor:
+    """8-connected parts of bool masks [N, h, w], all masks at once, on their device: int64
+    labels [N, h, w], 0 outside the mask, else 1 + the largest flat index (y * w + x) of a pixel
+    of the pixel's part.
+
+    Labels start as 1 + each pixel's own index and grow by a 3 x 3 maximum restricted to the
+    mask, each round followed by two pointer jumps (a pixel takes the label of the pixel its
+    label names, which lies in the same part and holds a label at least as large), until no
+    label changes; the rounds grow more slowly than the parts' lengths.
+    """
+    n, h, w = binary.shape
+    index = torch.arange(1, h * w + 1, device=binary.device).view(1, h, w)
+    labels = torch.where(binary, index, 0)
+    while True:
+        flat = torch.where(binary, _dilate(labels), 0).view(n, h * w)
+        for _ in range(2):
+            flat = flat.gather(1, (flat - 1).clamp(min=0)) * binary.view(n, h * w)
+        grown = flat.view(n, h, w)
+        if torch.equal(grown, labels):
+            return labels
+        labels = grown
+
+
+def main_part_boxes(
+    masks: torch.Tensor,
+    probs: torch.Tensor,
+    mask_thresh: float,
+    image_size: Tuple[int, int],
+    mask_stride: int,
+    min_part_fraction: float,
+) -> torch.Tensor:
+    """Boxes not widened by stray fragments (``MODEL.SOLOV2.BOX_FROM "main_parts"``).
+
+    The parts of each mask are found at the mask features' resolution: the 8-connected parts
+    (:func:`connected_parts`) of ``probs > mask_thresh``. A part is *main* if its area is at
+    least `min_part_fraction` of the mask's there, or if it is the largest part. The box is
+    the tight box of the pixels of the output mask that lie within one mask-feature pixel (3 x
+    3 neighbourhood, which holds what bilinear upsampling spreads) of a main part; a mask whose
+    parts are all main keeps its tight box (:func:`masks_to_boxes`).
+
+    Args:
+        masks: the pasted masks, bool [N, H, W] at the output size.
+        probs: float32 [N, h_m, w_m], their probabilities on the image's extent at the mask
+            features' resolution (pasted into `masks` by :func:`paste_masks`).
+        mask_thresh: the binarisation threshold.
+        image_size: (h, w) of the input image that the output (H, W) is resized from.
+        mask_stride: the mask features' stride in input pixels.
+        min_part_fraction: in [0, 1].
+    Returns:
+        float32 [N, 4] XYXY boxes; (0, 0, 0, 0) for an empty mask.
+    """
+    tight = masks_to_boxes(masks)
+    num, h_m, w_m = probs.shape
+    if num == 0:
+        return tight
+    binary = probs > mask_thresh
+    # Parts are labelled in crops of each mask's own box, all of the largest box's size (a
+    # zero-padded margin keeps the crops inside the tensor): fewer pixels per round.
+    y0, y1 = first_last(binary.any(dim=2))
+    x0, x1 = first_last(binary.any(dim=1))
+    nonempty = binary.flatten(1).any(dim=1)
+    extents = torch.stack([y1 - y0, x1 - x0]) * nonempty  # [2, N]; 0 for an empty mask
+    crop_h, crop_w = (extents.amax(dim=1) + 1).tolist()  # one host read
+    rows = y0[:, None] + torch.arange(crop_h, device=probs.device)  # [N, crop_h]
+    cols = x0[:, None] + torch.arange(crop_w, device=probs.device)  # [N, crop_w]
+    which = torch.arange(num, device=probs.device)[:, None, None]
+    padded = F.pad(binary, (0, crop_w, 0, crop_h))
+    crops = padded[which, rows[:, :, None], cols[:, None, :]]  # [N, crop_h, crop_w]
+    labels = connected_parts(crops).view(num, -1)
+    counts = torch.zeros((num, crop_h * crop_w + 1), device=probs.device)
+    counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=counts.dtype))
+    counts[:, 0] = 0
+    part_area = counts.gather(1, labels).view(crops.shape)
+    total = crops.flatten(1).sum(dim=1)
+    needed = torch.minimum(min_part_fraction * total, counts.amax(dim=1))
+    main_crops = crops & (part_area >= needed[:, None, None])
+    fragmented = (crops & ~main_crops).flatten(1).any(dim=1)
+    main = torch.zeros_like(padded)
+    main[which, rows[:, :, None], cols[:, None, :]] = main_crops
+    near = _dilate(main[:, :h_m, :w_m].to(torch.uint8)) > 0
+    picked = fragmented.nonzero()[:, 0]  # host read; usually few masks
+    if not len(picked):
+        return tight
+    # The mask-feature pixel of each output pixel: its centre mapped to the input, divided by
+    # the stride (integer arithmetic). The columns are gathered in a transposed layout, many
+    # times faster than index_select on the last dimension of a bool tensor on the CPU.
+    height, width = masks.shape[1:]
+    out_rows = torch.arange(height, device=probs.device)
+    out_cols = torch.arange(width, device=probs.device)
+    out_rows = ((2 * out_rows + 1) * image_size[0] // (2 * height)) // mask_stride
+    out_cols = ((2 * out_cols + 1) * image_size[1] // (2 * width)) // mask_stride
+    region = near[picked].index_select(1, out_rows.clamp(max=h_m - 1)).transpose(1, 2)
+    region = region.index_select(1, out_cols.clamp(max=w_m - 1)).transpose(1, 2)
+    boxes = tight.clone()
+    boxes[picked] = masks_to_boxes(masks[picked] & region)
+    return boxes
 
 
 def first_last(flags: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
 from ..layers.dynamic_conv import flatten_levels
-from .masks import CandidateMasks, masks_to_boxes
+from .masks import CandidateMasks, main_part_boxes, masks_to_boxes
 from .matrix_nms import batched_matrix_nms, sort_descending
 
 __all__ = [
@@ -106,7 +106,8 @@ class SOLOv2PostProcessor:
     6. the top `pre_nms_topk` by score, label-aware Matrix NMS, scores below `update_thresh`
        dropped, the top `max_per_image` kept;
     7. their masks upsampled by `mask_stride`, cropped to the image, resized to the requested
-       output size (bilinear) and thresholded; boxes are the masks' tight boxes.
+       output size (bilinear) and thresholded; boxes are the masks' tight boxes (or those of
+       their main parts, not widened by stray fragments: `box_from`).
 
     Memory is bounded without dropping candidates: masks are computed a chunk of candidates at
     a time; scores and binary masks are pooled and the pool is cut to the top `pre_nms_topk`
@@ -142,6 +143,8 @@ class SOLOv2PostProcessor:
         fixed_candidates: int = 0,
         inference_path: str = "auto",
         fast_masks: Optional[Type[CandidateMasks]] = None,
+        box_from: str = "tight",
+        min_part_fraction: float = 0.1,
     ):
         """
         Args:
@@ -163,7 +166,14 @@ class SOLOv2PostProcessor:
                 "auto", `fast_masks` decides where it pays.
             fast_masks: a faster `CandidateMasks` with a `choose` class method (the model
                 passes the CPU's, from :mod:`solov2_d2.inference.cpu`); None: always plain.
+            box_from: "tight", the masks' tight boxes; "main_parts", the boxes of the masks'
+                main parts, not widened by fragments smaller than `min_part_fraction` of the
+                mask (:func:`~.masks.main_part_boxes`).
         """
+        if box_from not in ("tight", "main_parts"):
+            raise ValueError(
+                f"MODEL.SOLOV2.BOX_FROM = {box_from!r}; expected 'tight' or 'main_parts'."
+            )
         self.strides = list(strides)
         self.mask_stride = mask_stride
         self.score_thresh = score_thresh
@@ -178,6 +188,8 @@ class SOLOv2PostProcessor:
         self.fixed_candidates = fixed_candidates
         self.inference_path = inference_path
         self.fast_masks = fast_masks
+        self.box_from = box_from
+        self.min_part_fraction = min_part_fraction
         self.last_paths: dict = {}
 
     @classmethod
@@ -197,6 +209,8 @@ class SOLOv2PostProcessor:
             "chunk_size": c.MASK_CHUNK_SIZE,
             "inference_path": c.INFERENCE_PATH,
             "fast_masks": fast_masks,
+            "box_from": c.BOX_FROM,
+            "min_part_fraction": c.BOX_MIN_PART_FRACTION,
         }
 
     @torch.no_grad()
@@ -222,7 +236,7 @@ class SOLOv2PostProcessor:
         Returns:
             per image, `Instances` of size `output_sizes[i]` with `pred_masks` (bool [N, H, W]),
             `scores` (float32 [N]), `pred_classes` (int64 [N]) and `pred_boxes` (tight boxes of
-            the masks), sorted by decreasing score.
+            the masks, or of their main parts: `box_from`), sorted by decreasing score.
         """
         found = self.detect(cate_logits, kernels, mask_features, mask_extents)
         counts = found.valid.sum(dim=1).tolist()  # host read: the sizes of the Instances
@@ -234,6 +248,15 @@ class SOLOv2PostProcessor:
             if found.near_lines is not None:
                 lines = (found.near_lines[0][i, :n, :h_m], found.near_lines[1][i, :n, :w_m])
             masks, boxes = found.masks.paste(probs, image_sizes[i], output_sizes[i], lines)
+            if self.box_from == "main_parts":
+                boxes = main_part_boxes(
+                    masks,
+                    probs,
+                    self.mask_thresh,
+                    image_sizes[i],
+                    self.mask_stride,
+                    self.min_part_fraction,
+                )
             scores, labels = found.scores[i, :n], found.labels[i, :n]
             results.append(detections_to_instances(masks, scores, labels, boxes))
         self.last_paths = dict(found.masks.paths)
