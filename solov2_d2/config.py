@@ -216,8 +216,8 @@ def check_solver_config(cfg):
     WEIGHT_DECAY_NORM, WEIGHT_DECAY_BIAS (unless None), BIAS_LR_FACTOR, WARMUP_ITERS,
     REFERENCE_WORLD_SIZE and TEST.EVAL_PERIOD >= 0 (finite); GAMMA > 0; WARMUP_FACTOR in
     [0, 1]; WARMUP_METHOD "linear" or "constant"; with LR_SCHEDULER_NAME "WarmupMultiStepLR",
-    STEPS strictly increasing and each within (0, MAX_ITER): detectron2 ignores larger ones
-    (with a warning) and fvcore's scheduler refuses one equal to MAX_ITER.
+    STEPS strictly increasing, each > 0 and none equal to MAX_ITER (fvcore's scheduler refuses
+    it; detectron2 ignores larger ones with a warning).
     """
     s = cfg.SOLVER
     for key in ("MAX_ITER", "CHECKPOINT_PERIOD", "IMS_PER_BATCH"):
@@ -248,11 +248,13 @@ def check_solver_config(cfg):
     )
     if s.LR_SCHEDULER_NAME == "WarmupMultiStepLR":
         steps = list(s.STEPS)
-        if any(not 0 < step < s.MAX_ITER for step in steps):
+        # Steps past MAX_ITER are dropped by detectron2 with a warning (a shortened run of a
+        # published config keeps working); one at MAX_ITER crashes fvcore's scheduler.
+        if any(step <= 0 or step == s.MAX_ITER for step in steps):
             raise ValueError(
-                f"SOLVER.STEPS = {steps}: every step must lie within (0, SOLVER.MAX_ITER = "
-                f"{s.MAX_ITER}), or the learning rate never drops there. Scale the steps with "
-                "MAX_ITER, or give SOLVER.STEPS () for a constant learning rate."
+                f"SOLVER.STEPS = {steps}: every step must be > 0 and not equal SOLVER.MAX_ITER "
+                f"= {s.MAX_ITER} (the scheduler refuses a step at the last iteration). Scale "
+                "the steps with MAX_ITER, or give SOLVER.STEPS () for a constant learning rate."
             )
         if any(a >= b for a, b in zip(steps, steps[1:])):
             raise ValueError(f"SOLVER.STEPS = {steps}; expected strictly increasing iterations.")

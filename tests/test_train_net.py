@@ -250,7 +250,7 @@ def test_the_optimizer_clips_the_norm_of_all_gradients_together(tmp_path):
     [
         (["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD = 0; expected an integer"),
         (["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER = 0; expected an integer >= 1"),
-        (["SOLVER.STEPS", "(10,)", "SOLVER.MAX_ITER", "5"], r"SOLVER.STEPS = \[10\]: every step"),
+        (["SOLVER.STEPS", "(5,)", "SOLVER.MAX_ITER", "5"], r"SOLVER.STEPS = \[5\]: every step"),
         (["TEST.EVAL_PERIOD", "-1"], r"TEST.EVAL_PERIOD = -1; expected 0"),
     ],
 )  # fmt: skip
