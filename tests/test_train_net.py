@@ -145,14 +145,24 @@ def _final_weights(output_dir):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
-@pytest.mark.parametrize("num_workers", ["0", "2"])
-def test_a_killed_run_resumes_to_the_weights_of_the_uninterrupted_run(tmp_path, num_workers):
+# The small-data recipe: large-scale jitter, colour jitter, copy-paste and weight averaging.
+RECIPE = [
+    "INPUT.LSJ.ENABLED", "True", "INPUT.LSJ.SIZE", "128", "INPUT.COLOR_JITTER.ENABLED", "True",
+    "INPUT.COPY_PASTE.ENABLED", "True", "MODEL_EMA.ENABLED", "True", "MODEL_EMA.WARMUP_ITERS", "2",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("num_workers, recipe", [("0", []), ("2", []), ("2", RECIPE)])
+def test_a_killed_run_resumes_to_the_weights_of_the_uninterrupted_run(
+    tmp_path, num_workers, recipe
+):
     """SIGKILL after the first checkpoint, --resume: the final weights are bit-identical to
-    those of a run that was never stopped (same seed), with random resizing and flipping."""
+    those of a run that was never stopped (same seed), with random resizing and flipping, and
+    with the small-data recipe (whose weight average is saved and resumed too)."""
     opts = [
         "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()",
         "DATALOADER.NUM_WORKERS", num_workers,
-        "INPUT.MIN_SIZE_TRAIN", "(96, 128)", "INPUT.RANDOM_FLIP", "horizontal",
+        "INPUT.MIN_SIZE_TRAIN", "(96, 128)", "INPUT.RANDOM_FLIP", "horizontal", *recipe,
     ]  # fmt: skip
     train_net.main(_args(tmp_path / "uninterrupted", *opts))
 
