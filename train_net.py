@@ -230,6 +230,21 @@ def setup(args):
 def main(args):
     cfg = setup(args)
 
+    if getattr(args, "onnx", None):
+        # A model exported by `python -m solov2_d2.export`, evaluated in ONNX Runtime as
+        # --eval-only evaluates the eager model (same evaluators, same results.json).
+        from solov2_d2.export import OnnxInferenceModel, OnnxPredictor
+
+        if not args.eval_only or cfg.TEST.AUG.ENABLED:
+            raise ValueError(
+                f"--onnx {args.onnx}: an exported model is only evaluated, with --eval-only "
+                "and without test-time augmentation (TEST.AUG.ENABLED False)."
+            )
+        res = Trainer.test(cfg, OnnxInferenceModel(OnnxPredictor(cfg, args.onnx)))
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
     if args.eval_only:
         model = Trainer.build_model(cfg)
         SOLOv2Checkpointer(
@@ -273,6 +288,12 @@ def argument_parser():
         action="store_true",
         help="with --eval-only: evaluate even if MODEL.WEIGHTS is empty or leaves some of the "
         "model's parameters at their random initialisation (refused otherwise)",
+    )
+    parser.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="with --eval-only: evaluate this model exported by `python -m solov2_d2.export` "
+        "(in ONNX Runtime, on the CPU) instead of MODEL.WEIGHTS",
     )
     return parser
 

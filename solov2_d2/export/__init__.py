@@ -12,12 +12,13 @@ from .graph import (
     export_onnx,
     require_export_packages,
 )
-from .predictor import OnnxPredictor
+from .predictor import OnnxInferenceModel, OnnxPredictor
 
 __all__ = [
     "DEFAULT_MAX_CANDIDATES",
     "MIN_OPSET",
     "ExportOutputs",
+    "OnnxInferenceModel",
     "OnnxPredictor",
     "SOLOv2ExportModule",
     "config_metadata",

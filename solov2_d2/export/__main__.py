@@ -1,7 +1,9 @@
 """Command line: ``python -m solov2_d2.export --config-file FILE --output DIR [--format onnx]
-[--max-candidates K] [--opset N] [KEY VALUE ...]``, in the manner of detectron2's
-``tools/deploy/export_model.py``: the config's model with its MODEL.WEIGHTS, exported whole
-(pre-processing, network, post-processing with Matrix NMS) to DIR/model.onnx."""
+[--max-candidates K] [--opset N] [--quantize int8 --calibration DATASET [--calibration-images N]]
+[KEY VALUE ...]``, in the manner of detectron2's ``tools/deploy/export_model.py``: the config's
+model with its MODEL.WEIGHTS, exported whole (pre-processing, network, post-processing with
+Matrix NMS) to DIR/model.onnx; with ``--quantize int8`` also DIR/model_int8.onnx, its
+convolutions in int8 for CPUs, calibrated on N images of a registered dataset."""
 import argparse
 import os
 import sys
@@ -16,7 +18,16 @@ from detectron2.modeling import build_model
 from ..checks import check_weights_are_local
 from ..config import add_solov2_config
 from ..engine.checkpoint import SOLOv2Checkpointer
-from .graph import DEFAULT_MAX_CANDIDATES, MIN_OPSET, OPSET, check_opset, export_onnx
+from . import quantize
+from .graph import (
+    DEFAULT_MAX_CANDIDATES,
+    DEFORM_CONV_OPSET,
+    MIN_OPSET,
+    OPSET,
+    check_opset,
+    export_onnx,
+    has_deformable_convs,
+)
 
 
 def _opset(text: str) -> int:
@@ -58,7 +69,29 @@ def _parser() -> argparse.ArgumentParser:
         "--opset",
         type=_opset,
         default=OPSET,
-        help=f"ONNX opset, at least {MIN_OPSET} (default: %(default)s)",
+        help=(
+            f"ONNX opset, at least {MIN_OPSET}, or {DEFORM_CONV_OPSET} for models with "
+            "deformable convolutions (default: %(default)s)"
+        ),
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="also write DIR/model_int8.onnx: convolutions in int8 (ONNX Runtime's static "
+        "quantization, QDQ, per-channel weights) for CPUs; needs --calibration",
+    )
+    parser.add_argument(
+        "--calibration",
+        metavar="DATASET",
+        help="with --quantize: a registered dataset whose images (resized as at test time) "
+        "set the activation ranges",
+    )
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        default=quantize.DEFAULT_CALIBRATION_IMAGES,
+        metavar="N",
+        help="with --quantize: calibrate on the dataset's first N images (default: %(default)s)",
     )
     parser.add_argument(
         "opts",
@@ -81,9 +114,18 @@ def setup_cfg(args):
 
 
 def main(argv=None) -> str:
-    args = _parser().parse_args(argv)
+    """Returns the float model's path (the int8 model is beside it, see `quantized_path`)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.quantize and not args.calibration:
+        parser.error("--quantize int8 needs --calibration DATASET (a registered dataset)")
+    if args.calibration and not args.quantize:
+        parser.error("--calibration is only used with --quantize int8")
     cfg = setup_cfg(args)
+    if args.quantize:  # an unknown dataset or too few images, before anything is exported
+        quantize.calibration_dicts(args.calibration, args.calibration_images)
     model = build_model(cfg)
+    check_opset(args.opset, has_deformable_convs(model))  # before loading the weights
     # A trained model whole: empty weights or a checkpoint of another config are refused.
     SOLOv2Checkpointer(model, require_complete=True).load(cfg.MODEL.WEIGHTS)
     os.makedirs(args.output, exist_ok=True)
@@ -95,6 +137,15 @@ def main(argv=None) -> str:
         f"{args.max_candidates} candidates per image) in {time.perf_counter() - start:.0f} s.",
         file=sys.stderr,
     )
+    if args.quantize:
+        start = time.perf_counter()
+        int8 = quantize.quantize_int8(cfg, path, args.calibration, args.calibration_images)
+        print(
+            f"Wrote {int8} ({os.path.getsize(int8) / 2**20:.1f} MiB, int8, calibrated on "
+            f"{args.calibration_images} images of {args.calibration}) in "
+            f"{time.perf_counter() - start:.0f} s.",
+            file=sys.stderr,
+        )
     return path
 
 

@@ -19,9 +19,11 @@ from ..inference.pipeline import masks_to_boxes, point_nms
 from ..layers.deform_conv import ModulatedDeformConv2d
 from ..layers.dynamic_conv import flatten_levels
 from ..modeling.meta_arch import SOLOv2, mask_extent
+from .translations import DEFORM_CONV_OPSET, custom_translation_table
 
 __all__ = [
     "DEFAULT_MAX_CANDIDATES",
+    "DEFORM_CONV_OPSET",
     "INPUT_NAMES",
     "MIN_OPSET",
     "OUTPUT_NAMES",
@@ -30,6 +32,7 @@ __all__ = [
     "check_opset",
     "config_metadata",
     "export_onnx",
+    "has_deformable_convs",
     "require_export_packages",
 ]
 
@@ -40,7 +43,8 @@ DEFAULT_MAX_CANDIDATES = 1000
 OPSET = 20
 # The lowest opset the export honours: torch's exporter writes opset 18 and converts the graph to
 # a lower one with ONNX's version converter, which fails on this graph (torch then catches the
-# error and keeps opset 18).
+# error and keeps opset 18). Models with deformable convolutions need DEFORM_CONV_OPSET (19), the
+# first with ONNX's DeformConv.
 MIN_OPSET = 18
 INPUT_NAMES = ("images", "image_sizes")
 OUTPUT_NAMES = ("scores", "classes", "masks", "boxes", "count", "num_candidates")
@@ -94,11 +98,6 @@ class SOLOv2ExportModule(nn.Module):
         super().__init__()
         if max_candidates < 1:
             raise ValueError(f"max_candidates = {max_candidates}; expected a positive bound.")
-        if any(isinstance(m, ModulatedDeformConv2d) for m in model.modules()):
-            raise NotImplementedError(
-                "Models with deformable convolutions (DCN) cannot be exported: torchvision's "
-                "deform_conv2d has no ONNX conversion."
-            )
         self.model = model
         self.postprocessor = copy.copy(model.postprocessor)
         self.postprocessor.fixed_candidates = max_candidates
@@ -162,13 +161,26 @@ def require_export_packages(*names: str):
         )
 
 
-def check_opset(opset: int):
-    """Raise ValueError naming the lowest supported opset when `opset` is below it."""
+def has_deformable_convs(model: nn.Module) -> bool:
+    """Whether `model` has deformable convolutions (:class:`ModulatedDeformConv2d`, the DCN
+    configs), which the graph holds as ONNX DeformConv (opset 19 and later)."""
+    return any(isinstance(m, ModulatedDeformConv2d) for m in model.modules())
+
+
+def check_opset(opset: int, deformable: bool = False):
+    """Raise ValueError naming the lowest supported opset when `opset` is below it: MIN_OPSET,
+    or DEFORM_CONV_OPSET for a model with deformable convolutions (`deformable`)."""
     if opset < MIN_OPSET:
         raise ValueError(
             f"opset {opset} is below {MIN_OPSET}, the lowest opset the export supports: "
             f"torch's exporter cannot convert the graph to it. Use --opset {MIN_OPSET} or higher "
             f"(default {OPSET})."
+        )
+    if deformable and opset < DEFORM_CONV_OPSET:
+        raise ValueError(
+            f"opset {opset} is below {DEFORM_CONV_OPSET}: the model has deformable convolutions "
+            f"(DCN), which ONNX has as DeformConv from opset {DEFORM_CONV_OPSET}. Use --opset "
+            f"{DEFORM_CONV_OPSET} or higher (default {OPSET})."
         )
 
 
@@ -226,18 +238,17 @@ def export_onnx(
         cfg: the config the model was built from, or None.
     Returns:
         `path`.
+    Models with deformable convolutions (the DCN configs) are exported with ONNX's DeformConv
+    (see :mod:`.translations`), which needs opset 19.
+
     Raises:
-        ValueError: for an opset below :data:`MIN_OPSET` (before exporting anything), or when
+        ValueError: for an opset below :data:`MIN_OPSET`, or below :data:`DEFORM_CONV_OPSET`
+            for a model with deformable convolutions (before exporting anything), or when
             torch's exporter wrote another opset than `opset` (the file is then removed).
     """
-    check_opset(opset)
+    check_opset(opset, has_deformable_convs(model))
     require_export_packages("onnx", "onnxscript")
     import onnx
-    from onnxscript.function_libs.torch_lib.ops.core import aten_sort
-
-    def sort_stable(self, stable=None, dim=-1, descending=False):
-        # ONNX TopK, which aten_sort emits, breaks ties by the lower index: a stable sort.
-        return aten_sort(self, dim, descending)
 
     module = SOLOv2ExportModule(model.eval(), max_candidates)
     inputs = module.sample_inputs()
@@ -262,7 +273,7 @@ def export_onnx(
             dynamo=True,
             dynamic_shapes=dynamic_shapes,
             external_data=False,
-            custom_translation_table={torch.ops.aten.sort.stable: sort_stable},
+            custom_translation_table=custom_translation_table(),
         )
     proto = onnx.load(path)
     written = _written_opset(proto)

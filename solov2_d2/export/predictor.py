@@ -18,7 +18,7 @@ from ..inference.pipeline import detections_to_instances
 from ..modeling.meta_arch import mask_extent
 from .graph import INPUT_NAMES, OUTPUT_NAMES, require_export_packages
 
-__all__ = ["OnnxPredictor"]
+__all__ = ["OnnxInferenceModel", "OnnxPredictor"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,11 @@ class OnnxPredictor:
         Returns:
             {"instances": Instances} of size (H, W).
         """
+        return self.inference([self.model_input(original_image)])[0]
+
+    def model_input(self, original_image: np.ndarray) -> Dict:
+        """The dataset dict of :meth:`inference` for a BGR image (as `__call__` takes it):
+        "image" float32 [3, h, w] in the input format at the test size, "height", "width"."""
         original_image = image_for_predictor(original_image, self.aug)
         height, width = original_image.shape[:2]
         if self.input_format == "RGB":
@@ -134,7 +139,19 @@ class OnnxPredictor:
         image = self.aug.get_transform(original_image).apply_image(original_image)
         # A grayscale [H, W, 1] image is replicated, as the eager model does.
         image = torch.as_tensor(image.astype("float32").transpose(2, 0, 1)).expand(3, -1, -1)
-        return self.inference([{"image": image, "height": height, "width": width}])[0]
+        return {"image": image, "height": height, "width": width}
+
+    def graph_inputs(self, batched_inputs: List[Dict]) -> Dict[str, np.ndarray]:
+        """The graph's inputs for dataset dicts (see :meth:`inference`): "images" float32
+        [B, 3, H, W], the images zero-padded to a common size of multiples of the size
+        divisibility, and "image_sizes" int64 [B, 2], their (h, w)."""
+        images = [x["image"].float().numpy() for x in batched_inputs]
+        sizes = np.array([x.shape[-2:] for x in images], dtype=np.int64)
+        padded = [mask_extent(int(s), self.size_divisibility, 1) for s in sizes.max(axis=0)]
+        batch = np.zeros((len(images), 3, *padded), dtype=np.float32)
+        for i, image in enumerate(images):
+            batch[i, :, : image.shape[1], : image.shape[2]] = image
+        return dict(zip(INPUT_NAMES, (batch, sizes)))
 
     def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
         """
@@ -153,13 +170,9 @@ class OnnxPredictor:
                     f"Input {i}: output size {output_size[0]} x {output_size[1]} (\"height\", "
                     "\"width\"); expected positive sizes, or leave them out for the input's size."
                 )
-        images = [x["image"].float().numpy() for x in batched_inputs]
-        sizes = np.array([x.shape[-2:] for x in images], dtype=np.int64)
-        padded = [mask_extent(int(s), self.size_divisibility, 1) for s in sizes.max(axis=0)]
-        batch = np.zeros((len(images), 3, *padded), dtype=np.float32)
-        for i, image in enumerate(images):
-            batch[i, :, : image.shape[1], : image.shape[2]] = image
-        outputs = self.session.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, (batch, sizes))))
+        inputs = self.graph_inputs(batched_inputs)
+        sizes = inputs["image_sizes"]
+        outputs = self.session.run(list(OUTPUT_NAMES), inputs)
         found = dict(zip(OUTPUT_NAMES, (torch.from_numpy(x) for x in outputs)))
 
         results = []
@@ -181,3 +194,20 @@ class OnnxPredictor:
             )
             results.append({"instances": instances})
         return results
+
+
+class OnnxInferenceModel(torch.nn.Module):
+    """An :class:`OnnxPredictor` as a model in inference for detectron2's evaluation
+    (`inference_on_dataset`, `DefaultTrainer.test`): called on a batch of dataset dicts, it
+    returns what :meth:`OnnxPredictor.inference` does. It has no parameters; `eval()` and
+    `train()` change nothing."""
+
+    def __init__(self, predictor: OnnxPredictor):
+        super().__init__()
+        self.predictor = predictor
+        self.eval()
+
+    def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
+        if self.training:
+            raise RuntimeError("An exported model only runs inference: call .eval() first.")
+        return self.predictor.inference(batched_inputs)

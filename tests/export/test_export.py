@@ -231,13 +231,6 @@ def test_missing_packages_name_the_extra():
         require_export_packages("onnx", "no_such_package")
 
 
-def test_deformable_models_are_refused():
-    cfg = fruit_cfg()
-    cfg.MODEL.SOLOV2.DCN_IN_MASK_BRANCH = True
-    with pytest.raises(NotImplementedError, match="deformable"):
-        SOLOv2ExportModule(build_model(cfg))
-
-
 @pytest.mark.parametrize(
     "key, value",
     [("INPUT.FORMAT", "RGB"), ("INPUT.MIN_SIZE_TEST", 320), ("INPUT.MAX_SIZE_TEST", 800)],
