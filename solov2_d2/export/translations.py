@@ -54,24 +54,9 @@ def custom_translation_table() -> Dict[object, object]:
         [N, 2 * offset_groups * kh * kw, H_out, W_out], mask [N, offset_groups * kh * kw, H_out,
         W_out] (ignored unless use_mask: torchvision passes zeros then), bias [O] (zeros when the
         layer has none) -> [N, O, H_out, W_out]."""
-        if use_mask:
-            return op.DeformConv(
-                input,
-                weight,
-                offset,
-                bias,
-                mask,
-                dilations=[dilation_h, dilation_w],
-                group=groups,
-                offset_group=offset_groups,
-                pads=[pad_h, pad_w, pad_h, pad_w],
-                strides=[stride_h, stride_w],
-            )
+        inputs = (input, weight, offset, bias, mask) if use_mask else (input, weight, offset, bias)
         return op.DeformConv(
-            input,
-            weight,
-            offset,
-            bias,
+            *inputs,
             dilations=[dilation_h, dilation_w],
             group=groups,
             offset_group=offset_groups,

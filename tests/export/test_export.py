@@ -49,16 +49,23 @@ def fruit_cfg():
     return cfg
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """The model saved as a checkpoint and exported by `python -m solov2_d2.export`."""
-    folder = tmp_path_factory.mktemp("export")
-    cfg = fruit_cfg()
+def candidate_rich_model(cfg):
+    """The random model of `cfg` (seed 0) with a raised category prior and scaled kernels: many
+    candidates with object-like masks."""
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():
         model.ins_head.cate_pred.bias.fill_(CATEGORY_BIAS)
         model.ins_head.kernel_pred.weight.mul_(KERNEL_SCALE)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The model saved as a checkpoint and exported by `python -m solov2_d2.export`."""
+    folder = tmp_path_factory.mktemp("export")
+    cfg = fruit_cfg()
+    model = candidate_rich_model(cfg)
     # Eager batches run as the graph does: the padded batch at once (as on CUDA).
     model.network_policy = NetworkPolicy(per_image=False, channels_last=False)
     DetectionCheckpointer(model, save_dir=str(folder)).save("model")

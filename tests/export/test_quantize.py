@@ -9,10 +9,9 @@ import solov2_d2  # noqa: F401  # isort: split
 import pytest
 import torch
 from conftest import FRUIT_CONFIG, REPO
-from export.test_export import CATEGORY_BIAS, KERNEL_SCALE, fruit_cfg, photos
+from export.test_export import candidate_rich_model, fruit_cfg, photos
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
 
 from solov2_d2.export import OnnxPredictor
 from solov2_d2.export.__main__ import main as export_main
@@ -28,11 +27,7 @@ def checkpoint(tmp_path_factory):
     """test_export's random fruit model, saved: (config, checkpoint path)."""
     folder = tmp_path_factory.mktemp("quantize")
     cfg = fruit_cfg()
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    with torch.no_grad():
-        model.ins_head.cate_pred.bias.fill_(CATEGORY_BIAS)
-        model.ins_head.kernel_pred.weight.mul_(KERNEL_SCALE)
+    model = candidate_rich_model(cfg)
     DetectionCheckpointer(model, save_dir=str(folder)).save("model")
     cfg.MODEL.WEIGHTS = str(folder / "model.pth")
     return cfg, cfg.MODEL.WEIGHTS
