@@ -43,15 +43,15 @@ def _opset(text: str) -> int:
     return opset
 
 
+_DESCRIPTION = (
+    "Export a SOLOv2 model to one ONNX file holding the input normalisation, the network and "
+    "the post-processing with Matrix NMS, for a dynamic batch of images of dynamic size "
+    "(multiples of the backbone's size divisibility)."
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m solov2_d2.export",
-        description=(
-            "Export a SOLOv2 model to one ONNX file holding the input normalisation, the "
-            "network and the post-processing with Matrix NMS, for a dynamic batch of images of "
-            "dynamic size (multiples of the backbone's size divisibility)."
-        ),
-    )
+    parser = argparse.ArgumentParser(prog="python -m solov2_d2.export", description=_DESCRIPTION)
     parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for model.onnx")
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
@@ -93,12 +93,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --quantize: calibrate on the dataset's first N images (default: %(default)s)",
     )
-    parser.add_argument(
-        "opts",
-        default=[],
-        nargs=argparse.REMAINDER,
-        help="config options as KEY VALUE pairs, e.g. MODEL.WEIGHTS model_final.pth",
-    )
+    opts_help = "config options as KEY VALUE pairs, e.g. MODEL.WEIGHTS model_final.pth"
+    parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, help=opts_help)
     return parser
 
 
