@@ -46,8 +46,8 @@ def _set_path(model, path: str) -> None:
         try:
             from solov2_d2 import mask_intersections, matrix_nms
             matrix_nms.mask_intersections = mask_intersections.mask_intersections_float
-        except ImportError:
-            pass
+        except ImportError:  # 0.2.0 and later: "plain" alone turns every fast path off
+            return
 
 
 def dump(out: Path) -> None:
