@@ -3,6 +3,9 @@ Register the datasets of this project, found under one root folder:
 
 * "fruit_train", "fruit_val": `<root>/fruit`, 18 labelme-annotated photos of dates, figs and
   hazelnuts, split by file: train = 0..13, val = 14..17 (fixed, so results stay comparable).
+* "fruit_fold{k}_train", "fruit_fold{k}_val" for k = 0, 1, 2: three folds of fruit_train alone
+  (val = photos 0..4, 5..9, 10..13; train = the rest), for choosing a recipe without looking
+  at fruit_val.
 * "coco_mini_train", "coco_mini_val": `<root>/coco_mini`, a COCO 2017 subset in COCO's own format,
   evaluated against its official json file; registered only when that folder exists, as it may
   not be redistributed with the repository. It loads with the checks of
@@ -45,6 +48,9 @@ _FRUIT_SPLITS = {
     "fruit_train": [str(i) for i in range(0, 14)],
     "fruit_val": [str(i) for i in range(14, 18)],
 }
+for _k, _held in enumerate((range(0, 5), range(5, 10), range(10, 14))):
+    _FRUIT_SPLITS[f"fruit_fold{_k}_val"] = [str(i) for i in _held]
+    _FRUIT_SPLITS[f"fruit_fold{_k}_train"] = [str(i) for i in range(14) if i not in _held]
 
 _COCO_MINI_SPLITS = {
     "coco_mini_train": ("coco_mini/train2017", "coco_mini/annotations/instances_train2017.json"),
@@ -102,7 +108,7 @@ def register_coco_mini(root):
 
 def register_builtin_datasets(root=None):
     """
-    Register fruit_train and fruit_val under the datasets root (see :func:`get_datasets_root`),
+    Register fruit_train, fruit_val and the folds of fruit_train under the datasets root (see :func:`get_datasets_root`),
     and coco_mini_train and coco_mini_val when the root has a coco_mini folder. Calling it again
     re-registers them.
 

@@ -14,9 +14,10 @@ DECAY at k = WARMUP_ITERS and 95% at 3 WARMUP_ITERS. With DECAY d the average sp
 Where the average is used (:func:`add_model_ema_hook` sets it up in a trainer):
 
 * every evaluation (``TEST.EVAL_PERIOD`` and the one after training, also with test-time
-  augmentation) scores the averaged weights, which are swapped into the model for the
-  evaluation and out again: training goes on with its own weights;
-* the checkpoint written after the last iteration (``model_final.pth``) holds the averaged
+  augmentation) scores the averaged weights, which are swapped into the model after the
+  iteration's update and out again after the iteration's hooks: training goes on with its own
+  weights;
+* a checkpoint written at such an iteration, ``model_final.pth`` always, holds the averaged
   weights as ``model``, so that ``--eval-only``, :class:`~solov2_d2.SOLOv2Predictor` and
   fine-tuning from it (``MODEL.WEIGHTS``) use them;
 * every checkpoint holds the average under ``model_ema`` ({"average": {name: tensor},
@@ -41,7 +42,13 @@ from detectron2.config import configurable
 from detectron2.engine import HookBase
 from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer, PreciseBN
 
-__all__ = ["ModelEMA", "ModelEMAHook", "add_model_ema_hook", "check_model_ema_config"]
+__all__ = [
+    "ModelEMA",
+    "ModelEMAHook",
+    "RestoreTrainingWeightsHook",
+    "add_model_ema_hook",
+    "check_model_ema_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -253,16 +260,24 @@ class ModelEMA:
 
 
 class ModelEMAHook(HookBase):
-    """Updates a :class:`ModelEMA` after every iteration; puts the average into the model after
-    the last one, for the final checkpoint (place the hook before the checkpointer), and puts
-    the training weights back at the end of training.
+    """Updates a :class:`ModelEMA` after every iteration and puts the average into the model
+    after each iteration that ends with an evaluation (every `eval_period`-th and the last),
+    for the hooks that follow it (place it before the checkpointer and the evaluation hooks);
+    :class:`RestoreTrainingWeightsHook`, placed after them, takes the average out again.
 
     Before training, an average that has seen no update starts from the model's weights (those
     loaded from ``MODEL.WEIGHTS``, not those the model was built with).
     """
 
-    def __init__(self, ema: ModelEMA):
+    def __init__(self, ema: ModelEMA, eval_period: int):
+        """
+        Args:
+            ema: the average.
+            eval_period: ``TEST.EVAL_PERIOD``, the period of the evaluations (0: only the one
+                after training).
+        """
         self.ema = ema
+        self.eval_period = int(eval_period)
 
     def before_train(self):
         if self.ema.num_updates == 0:
@@ -270,8 +285,23 @@ class ModelEMAHook(HookBase):
 
     def after_step(self):
         self.ema.update()
-        if self.trainer.iter + 1 >= self.trainer.max_iter:
-            self.ema.apply()  # for the checkpoint of the last iteration (model_final)
+        next_iter = self.trainer.iter + 1
+        last = next_iter >= self.trainer.max_iter
+        if last or (self.eval_period > 0 and next_iter % self.eval_period == 0):
+            self.ema.apply()
+
+
+class RestoreTrainingWeightsHook(HookBase):
+    """Puts the training weights back after the hooks that ran with the average in the model:
+    after every iteration but the last (whose average stays for the final evaluations) and at
+    the end of training. Placed after every checkpointer and evaluation hook."""
+
+    def __init__(self, ema: ModelEMA):
+        self.ema = ema
+
+    def after_step(self):
+        if self.trainer.iter + 1 < self.trainer.max_iter:
+            self.ema.restore()
 
     def after_train(self):
         self.ema.restore()
@@ -280,12 +310,14 @@ class ModelEMAHook(HookBase):
 def add_model_ema_hook(trainer, hooks: List[HookBase]) -> List[HookBase]:
     """With ``MODEL_EMA.ENABLED``, the hooks of a detectron2 ``DefaultTrainer`` (those of its
     ``build_hooks``) with the weight average: a :class:`ModelEMAHook` before the first
-    checkpointer or evaluation hook (so that checkpoints hold the average of their iteration),
-    every ``EvalHook``'s function run with the average in the model, and the average registered
-    in ``trainer.checkpointer`` as "model_ema". Without it, `hooks` unchanged. The average is
-    `trainer.model_ema` (None when disabled).
+    checkpointer or evaluation hook, so that the evaluations at ``TEST.EVAL_PERIOD`` and after
+    training (every hook after it, test-time augmentation included) score the average and
+    checkpoints hold the average of their iteration, a :class:`RestoreTrainingWeightsHook` at
+    the end, and the average registered in ``trainer.checkpointer`` as "model_ema". Without it,
+    `hooks` unchanged. The average is `trainer.model_ema` (None when disabled).
 
-    Validates ``MODEL_EMA`` (ValueError naming the key).
+    An evaluation hook with another period than ``TEST.EVAL_PERIOD`` scores the training
+    weights between those iterations. Validates ``MODEL_EMA`` (ValueError naming the key).
     """
     cfg = trainer.cfg
     trainer.model_ema = None
@@ -295,22 +327,12 @@ def add_model_ema_hook(trainer, hooks: List[HookBase]) -> List[HookBase]:
     trainer.model_ema = ema
     trainer.checkpointer.add_checkpointable("model_ema", ema)
     hooks = [h for h in hooks if h is not None]
-    for h in hooks:
-        if isinstance(h, EvalHook):
-            h._func = _with_average(ema, h._func)
     later = (EvalHook, PeriodicCheckpointer, PreciseBN)
     position = next((i for i, h in enumerate(hooks) if isinstance(h, later)), len(hooks))
-    hooks.insert(position, ModelEMAHook(ema))
+    hooks.insert(position, ModelEMAHook(ema, cfg.TEST.EVAL_PERIOD))
+    hooks.append(RestoreTrainingWeightsHook(ema))
     logger.info(
         f"Model EMA: decay {ema.decay}, warm-up {ema.warmup_iters:g} iterations, over "
         f"{len(ema.names)} tensors; evaluations and model_final.pth use the average."
     )
     return hooks
-
-
-def _with_average(ema: ModelEMA, function):
-    def evaluate_average():
-        with ema.applied_to_model():
-            return function()
-
-    return evaluate_average

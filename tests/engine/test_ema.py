@@ -17,7 +17,12 @@ from detectron2.engine import HookBase, SimpleTrainer
 from detectron2.engine.hooks import EvalHook
 
 from solov2_d2 import add_solov2_config
-from solov2_d2.engine.ema import ModelEMA, ModelEMAHook, add_model_ema_hook
+from solov2_d2.engine.ema import (
+    ModelEMA,
+    ModelEMAHook,
+    RestoreTrainingWeightsHook,
+    add_model_ema_hook,
+)
 
 sys.path.insert(0, str(REPO))
 import train_net  # noqa: E402
@@ -191,6 +196,7 @@ def _tiny_run(with_ema, max_iter=5):
     trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.1))
     trainer.cfg = _ema_cfg(DECAY=0.5, WARMUP_ITERS=0)
     trainer.cfg.MODEL_EMA.ENABLED = with_ema
+    trainer.cfg.TEST.EVAL_PERIOD = 2
     trainer.checkpointer = Checkpointer(model)
     seen = {"start": _float_state(model), "raw": [], "evaluated": []}
 
@@ -212,6 +218,7 @@ def _tiny_run(with_ema, max_iter=5):
 def test_evaluation_scores_the_average_and_training_goes_on_with_its_own_weights():
     trainer, hooks, seen = _tiny_run(with_ema=True)
     assert isinstance(hooks[1], ModelEMAHook)  # before the evaluation
+    assert isinstance(hooks[-1], RestoreTrainingWeightsHook)  # after it
     assert trainer.checkpointer.checkpointables["model_ema"] is trainer.model_ema
     _, _, plain = _tiny_run(with_ema=False)
     # The training trajectory is that of a run without the average...
