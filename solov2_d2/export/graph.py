@@ -187,7 +187,9 @@ def check_opset(opset: int, deformable: bool = False):
 def config_metadata(cfg) -> Dict[str, str]:
     """What using the graph depends on beyond its tensors, from the config it was exported
     with: the channel order of its input images (``INPUT.FORMAT``), the test sizes its runtime
-    resizes images to (``INPUT.MIN_SIZE_TEST``, ``MAX_SIZE_TEST``), and the names of its
+    resizes images to (``INPUT.MIN_SIZE_TEST``, ``MAX_SIZE_TEST``), how its runtime draws the
+    boxes of the pasted masks (``MODEL.SOLOV2.BOX_FROM``, ``BOX_MIN_PART_FRACTION``), and the
+    names of its
     ``MODEL.SOLOV2.NUM_CLASSES`` classes, when a dataset of ``DATASETS.TEST`` or ``TRAIN`` (in
     that order) has as many ``thing_classes``.
 
@@ -198,6 +200,8 @@ def config_metadata(cfg) -> Dict[str, str]:
         "input_format": cfg.INPUT.FORMAT,
         "min_size_test": str(cfg.INPUT.MIN_SIZE_TEST),
         "max_size_test": str(cfg.INPUT.MAX_SIZE_TEST),
+        "box_from": cfg.MODEL.SOLOV2.BOX_FROM,
+        "box_min_part_fraction": str(float(cfg.MODEL.SOLOV2.BOX_MIN_PART_FRACTION)),
     }
     for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
         classes = MetadataCatalog.get(name).get("thing_classes")
@@ -228,7 +232,8 @@ def export_onnx(
     `solov2.size_divisibility`, `solov2.mask_stride`, `solov2.mask_thresh`, the bound
     `solov2.max_candidates` and `solov2.num_classes`; with `cfg`, also what
     :func:`config_metadata` gives: `solov2.input_format`, `solov2.min_size_test`,
-    `solov2.max_size_test` and `solov2.thing_classes` (a JSON list).
+    `solov2.max_size_test`, `solov2.box_from`, `solov2.box_min_part_fraction` and
+    `solov2.thing_classes` (a JSON list).
 
     Args:
         model: the model to export; put in eval mode.

@@ -13,7 +13,7 @@ from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
 
 from ..engine.predictor import image_for_predictor
-from ..inference.masks import paste_masks
+from ..inference.masks import main_part_boxes, paste_masks
 from ..inference.pipeline import detections_to_instances
 from ..modeling.meta_arch import mask_extent
 from .graph import INPUT_NAMES, OUTPUT_NAMES, require_export_packages
@@ -36,9 +36,10 @@ class OnnxPredictor:
     The graph's masks are pasted here, with the eager model's code
     (:meth:`SOLOv2PostProcessor.paste`): upsampled by the mask stride, cropped to the image,
     resized to the output size (bilinear) and thresholded; boxes are the pasted masks' tight
-    boxes.
+    boxes, or those of their main parts (``MODEL.SOLOV2.BOX_FROM "main_parts"``, with the eager
+    model's :func:`~solov2_d2.inference.masks.main_part_boxes`).
 
-    The input format and test sizes are those the file records (the export's config); a config
+    The input format, test sizes and box settings are those the file records (the export's config); a config
     with other values is refused (ValueError naming the key and both values), since its images
     would be read in another channel order or at another size than the model was exported for.
     Files exported before these were recorded use the config's values. The class names the file
@@ -83,6 +84,12 @@ class OnnxPredictor:
             "INPUT.FORMAT": ("input_format", cfg.INPUT.FORMAT, str),
             "INPUT.MIN_SIZE_TEST": ("min_size_test", cfg.INPUT.MIN_SIZE_TEST, int),
             "INPUT.MAX_SIZE_TEST": ("max_size_test", cfg.INPUT.MAX_SIZE_TEST, int),
+            "MODEL.SOLOV2.BOX_FROM": ("box_from", cfg.MODEL.SOLOV2.BOX_FROM, str),
+            "MODEL.SOLOV2.BOX_MIN_PART_FRACTION": (
+                "box_min_part_fraction",
+                float(cfg.MODEL.SOLOV2.BOX_MIN_PART_FRACTION),
+                float,
+            ),
         }
         values = {}
         for key, (name, given, kind) in recorded.items():
@@ -97,6 +104,12 @@ class OnnxPredictor:
         min_size, max_size = values["INPUT.MIN_SIZE_TEST"], values["INPUT.MAX_SIZE_TEST"]
         self.aug = T.ResizeShortestEdge([min_size, min_size], max_size)
         self.input_format = values["INPUT.FORMAT"]
+        self.box_from = values["MODEL.SOLOV2.BOX_FROM"]
+        self.box_min_part_fraction = values["MODEL.SOLOV2.BOX_MIN_PART_FRACTION"]
+        if self.box_from not in ("tight", "main_parts"):
+            raise ValueError(
+                f"MODEL.SOLOV2.BOX_FROM = {self.box_from!r}; expected 'tight' or 'main_parts'."
+            )
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT = {self.input_format!r}; expected 'RGB' or 'BGR'.")
         self.num_classes: Optional[int] = None
@@ -189,6 +202,10 @@ class OnnxPredictor:
             soft = found["masks"][i, :n, :h_m, :w_m]
             output_size = (x.get("height", h), x.get("width", w))
             masks, boxes = paste_masks(soft, (h, w), output_size, stride, self.mask_thresh)
+            if self.box_from == "main_parts":
+                boxes = main_part_boxes(
+                    masks, soft, self.mask_thresh, (h, w), stride, self.box_min_part_fraction
+                )
             instances = detections_to_instances(
                 masks, found["scores"][i, :n], found["classes"][i, :n], boxes
             )

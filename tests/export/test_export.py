@@ -130,6 +130,10 @@ def test_the_command_writes_one_file_with_dynamic_batch_and_size(exported):
     assert (metadata["solov2.min_size_test"], metadata["solov2.max_size_test"]) == ("288", "640")
     assert metadata["solov2.num_classes"] == "3"
     assert json.loads(metadata["solov2.thing_classes"]) == ["date", "fig", "hazelnut"]
+    assert (metadata["solov2.box_from"], metadata["solov2.box_min_part_fraction"]) == (
+        "tight",
+        "0.1",
+    )
     # Weights inside: nothing but the file itself was written.
     assert sorted(p.name for p in (REPO / exported.path).parent.iterdir()) == ["model.onnx"]
 
@@ -252,9 +256,36 @@ def test_the_predictor_refuses_a_config_that_disagrees_with_the_export(exported,
     assert f"but the config has {key} {value!r}" in str(e.value)
 
 
+def test_main_part_boxes_are_the_eager_models(exported, tmp_path):
+    """BOX_FROM "main_parts" is drawn by the runtime from the pasted masks: the file of a model
+    exported with it (here the same graph with that metadata) gives eager's boxes, which on
+    these fragmented random masks are not all the tight boxes; a config with the other setting
+    is refused."""
+    model = onnx.load(exported.path)
+    for p in model.metadata_props:
+        if p.key == "solov2.box_from":
+            p.value = "main_parts"
+    path = str(tmp_path / "main_parts.onnx")
+    onnx.save(model, path)
+    cfg = exported.cfg.clone()
+    cfg.MODEL.SOLOV2.BOX_FROM = "main_parts"
+    predictor, eager = OnnxPredictor(cfg, path), DefaultPredictor(cfg)
+    tight = OnnxPredictor(exported.cfg, exported.path)
+    narrowed = 0
+    for image in photos():
+        ours = predictor(image)
+        assert_same_instances(ours, eager(image))
+        boxes, tight_boxes = ours["instances"].pred_boxes.tensor, tight(image)["instances"]
+        narrowed += int((boxes != tight_boxes.pred_boxes.tensor).any(dim=1).sum())
+    assert narrowed > 0
+    with pytest.raises(ValueError, match="MODEL.SOLOV2.BOX_FROM 'main_parts'.*'tight'"):
+        OnnxPredictor(exported.cfg, path)
+
+
 def test_a_file_exported_before_the_config_was_recorded_uses_the_config(exported, tmp_path):
     model = onnx.load(exported.path)
-    kept = [p for p in model.metadata_props if not p.key.endswith(("_test", "_format", "classes"))]
+    recorded = ("_test", "_format", "classes", "box_from", "fraction")
+    kept = [p for p in model.metadata_props if not p.key.endswith(recorded)]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     old = str(tmp_path / "old.onnx")
