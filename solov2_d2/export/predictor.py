@@ -39,9 +39,10 @@ class OnnxPredictor:
     boxes, or those of their main parts (``MODEL.SOLOV2.BOX_FROM "main_parts"``, with the eager
     model's :func:`~solov2_d2.inference.masks.main_part_boxes`).
 
-    The input format, test sizes and box settings are those the file records (the export's config); a config
-    with other values is refused (ValueError naming the key and both values), since its images
-    would be read in another channel order or at another size than the model was exported for.
+    The input format, test sizes and box settings are those the file records (the export's
+    config); a config with other values is refused (ValueError naming the key and both values),
+    since its images would be read in another channel order or at another size, or boxed
+    otherwise, than the model was exported for.
     Files exported before these were recorded use the config's values. The class names the file
     records are in :attr:`thing_classes` and :attr:`metadata`.
     """
