@@ -108,9 +108,9 @@ def register_coco_mini(root):
 
 def register_builtin_datasets(root=None):
     """
-    Register fruit_train, fruit_val and the folds of fruit_train under the datasets root (see :func:`get_datasets_root`),
-    and coco_mini_train and coco_mini_val when the root has a coco_mini folder. Calling it again
-    re-registers them.
+    Register fruit_train, fruit_val and the folds of fruit_train under the datasets root (see
+    :func:`get_datasets_root`), and coco_mini_train and coco_mini_val when the root has a
+    coco_mini folder. Calling it again re-registers them.
 
     Args:
         root (str or None): the folder holding fruit/ (and coco_mini/).

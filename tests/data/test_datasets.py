@@ -158,3 +158,16 @@ def test_coco_mini_refuses_a_duplicate_image_id(fresh_registration, tmp_path):
         DatasetCatalog.get("coco_mini_val")
     json_file = tmp_path / "coco_mini" / "annotations" / "instances_val2017.json"
     assert f"{json_file}: image id {first['id']} is used by 2 images" in str(e.value)
+
+
+def test_the_folds_of_fruit_train_split_it_without_fruit_val():
+    train = {d["file_name"] for d in DatasetCatalog.get("fruit_train")}
+    held_out = []
+    for k in range(3):
+        fold_train = [d["file_name"] for d in DatasetCatalog.get(f"fruit_fold{k}_train")]
+        fold_val = [d["file_name"] for d in DatasetCatalog.get(f"fruit_fold{k}_val")]
+        assert not set(fold_train) & set(fold_val)
+        assert set(fold_train) | set(fold_val) == train
+        assert MetadataCatalog.get(f"fruit_fold{k}_val").evaluator_type == "coco"
+        held_out += fold_val
+    assert sorted(held_out) == sorted(train)  # every training photo is held out once
