@@ -1,9 +1,12 @@
-"""Latency of an exported SOLOv2 in ONNX Runtime (CPU) next to PyTorch eager, on the same images.
+"""Latency of an exported SOLOv2 in ONNX Runtime (CPU), float32 and int8, next to PyTorch eager.
 
 Both run the whole pipeline of one BGR image, as an application does: resize, network and
 post-processing, masks pasted at the image's size (`OnnxPredictor` and `SOLOv2Predictor`,
-detectron2's `DefaultPredictor`). Prints a Markdown table of the median and minimum time per
-image and the number of detections of each; `--json PATH` also writes the results.
+detectron2's `DefaultPredictor`), on the same images. `--int8 FILE` adds the quantized model
+(`python -m solov2_d2.export ... --quantize int8`). The runtimes take turns image by image, so
+a drift in the machine's speed touches all of them alike. Prints a Markdown table of the median
+time per image, its spread (the 10th to 90th percentile of all timed runs), the ratio to eager
+and the number of detections of each; `--json PATH` also writes the results.
 
     python -m solov2_d2.export --config-file configs/fruit/SOLOv2_R18_fruit.yaml \\
         --output output/fruit/onnx MODEL.WEIGHTS output/fruit/model_final.pth
@@ -36,6 +39,7 @@ def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--onnx", required=True, metavar="FILE", help="the exported model")
+    parser.add_argument("--int8", metavar="FILE", help="also time this int8 model")
     parser.add_argument(
         "--input", nargs="+", help="image files (default: the fruit_val photos)", default=[]
     )
@@ -46,17 +50,23 @@ def get_parser():
     return parser
 
 
-def time_per_image(predictor, images, repeat):
-    """Median and minimum seconds per image over `repeat` runs of each image (after one warm-up
-    run each), and the detections of each image."""
-    times, counts = [], []
+def time_per_image(predictors, images, repeat):
+    """Per predictor name: seconds of every timed run ({"times": [...]}, `repeat` runs of each
+    image after one warm-up run) and the detections of each image; the predictors take turns on
+    each image."""
+    results = {name: {"times": [], "detections": []} for name in predictors}
     for image in images:
-        counts.append(len(predictor(image)["instances"]))
+        for name, predictor in predictors.items():
+            results[name]["detections"].append(len(predictor(image)["instances"]))
         for _ in range(repeat):
-            start = time.perf_counter()
-            predictor(image)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times), counts
+            for name, predictor in predictors.items():
+                start = time.perf_counter()
+                predictor(image)
+                results[name]["times"].append(time.perf_counter() - start)
+    for r in results.values():
+        deciles = statistics.quantiles(r["times"], n=10) if len(r["times"]) > 1 else r["times"] * 9
+        r.update(median_s=statistics.median(r["times"]), p10_s=deciles[0], p90_s=deciles[-1])
+    return results
 
 
 def main(args):
@@ -75,25 +85,25 @@ def main(args):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = args.threads
     predictors = {
-        "PyTorch eager": SOLOv2Predictor(cfg),
-        "ONNX Runtime": OnnxPredictor(cfg, args.onnx, session_options=options),
+        "PyTorch eager, float32": SOLOv2Predictor(cfg),
+        "ONNX Runtime, float32": OnnxPredictor(cfg, args.onnx, session_options=options),
     }
-    results = {}
-    for name, predictor in predictors.items():
-        median, best, counts = time_per_image(predictor, images, args.repeat)
-        results[name] = {"median_s": median, "min_s": best, "detections": counts}
+    if args.int8:
+        predictors["ONNX Runtime, int8"] = OnnxPredictor(cfg, args.int8, session_options=options)
+    results = time_per_image(predictors, images, args.repeat)
 
     sizes = sorted({f"{im.shape[1]}x{im.shape[0]}" for im in images})
     print(
         f"{len(images)} images ({', '.join(sizes)}), input short side {cfg.INPUT.MIN_SIZE_TEST}, "
         f"{args.threads} threads, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
     )
-    print("| runtime | median ms / image | min ms / image | detections |")
-    print("|---|---|---|---|")
+    print("| runtime | median ms / image | 10th-90th percentile | / eager | detections |")
+    print("|---|---:|---:|---:|---:|")
+    eager = results["PyTorch eager, float32"]["median_s"]
     for name, r in results.items():
         print(
-            f"| {name} | {1000 * r['median_s']:.1f} | {1000 * r['min_s']:.1f} | "
-            f"{sum(r['detections'])} |"
+            f"| {name} | {1000 * r['median_s']:.0f} | {1000 * r['p10_s']:.0f}-"
+            f"{1000 * r['p90_s']:.0f} | {r['median_s'] / eager:.2f} | {sum(r['detections'])} |"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -15,6 +15,7 @@
 #   inference/results.json      the final evaluation (segm and bbox AP, AP50, ... per class)
 #   inference/fruit_val/        the predictions in COCO's format
 #   predictions/*.jpg   the val photos with the predicted masks, classes and scores
+#   learning_curve.png  the training losses and the fruit_val AP at each evaluation
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,7 +26,8 @@ CONFIG="configs/fruit/SOLOv2_R18_fruit.yaml"
 OUT="${SOLOV2_FRUIT_OUTPUT:-output/fruit}"
 START=$(date +%s)
 
-rm -rf "$OUT"/{log.txt,metrics.json,last_checkpoint,config.yaml,inference,predictions}
+rm -rf "$OUT"/{log.txt,metrics.json,last_checkpoint,config.yaml,inference,inference_TTA,predictions}
+rm -f "$OUT"/learning_curve.png
 rm -f "$OUT"/events.out.tfevents.* "$OUT"/model_*.pth
 
 echo "[train_fruit] training on fruit_train, then evaluating on fruit_val; output in $OUT" >&2
@@ -39,6 +41,8 @@ print("\n".join(d["file_name"] for d in DatasetCatalog.get("fruit_val")))' 2>/de
 "$PY" demo.py --config-file "$CONFIG" --input "${VAL_IMAGES[@]}" --output "$OUT/predictions" \
     --opts "$@" MODEL.WEIGHTS "$OUT/model_final.pth"
 
+"$PY" -m solov2_d2.engine.learning_curve "$OUT" --title "fruit job: $CONFIG $*" >/dev/null
+
 "$PY" - "$OUT" "$(($(date +%s) - START))" <<'PYTHON'
 import json
 import sys
@@ -51,5 +55,5 @@ for task, name in (("segm", "mask"), ("bbox", "box")):
     r = results[task]
     print(f"  {name:4s} AP {r['AP']:5.1f}   AP50 {r['AP50']:5.1f}   AP75 {r['AP75']:5.1f}")
 print(f"  metrics: {out}/inference/results.json, {out}/metrics.json")
-print(f"  pictures: {out}/predictions/")
+print(f"  pictures: {out}/predictions/, learning curve: {out}/learning_curve.png")
 PYTHON

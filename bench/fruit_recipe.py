@@ -1,0 +1,156 @@
+"""The fruit job's recipe measured: seeds, and each piece removed in turn (issue 24).
+
+    .venv/bin/python bench/fruit_recipe.py seeds [--seeds 0 1 2]
+    .venv/bin/python bench/fruit_recipe.py ablation [--seed 0]
+    .venv/bin/python bench/fruit_recipe.py table
+
+`seeds` runs `bash tools/train_fruit.sh SEED s` (the recipe of configs/fruit) into
+output/recipe/seed<s>, timing each run. `ablation` runs it once per training-time piece with
+that piece off (large-scale jitter, colour jitter, copy-paste) into output/recipe/no_<piece>_s<s>,
+and scores the pieces that act after training on the seed's run without retraining: weight
+averaging (the training weights that `model_final.pth` keeps beside the average), test-time
+augmentation (the plain evaluation) and main-part boxes (tight boxes), by `train_net.py
+--eval-only`. `table` prints what output/recipe holds as Markdown. Run one at a time, on a
+quiet machine: the wall times are part of the result.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/fruit/SOLOv2_R18_fruit.yaml"
+OUT = os.path.join(REPO, "output", "recipe")
+PY = sys.executable
+
+# Training-time pieces: the overrides that turn each off.
+TRAINING_PIECES = {
+    "lsj": ["INPUT.LSJ.ENABLED", "False"],
+    "color_jitter": ["INPUT.COLOR_JITTER.ENABLED", "False"],
+    "copy_paste": ["INPUT.COPY_PASTE.ENABLED", "False"],
+}
+
+
+def _train(folder: str, opts) -> None:
+    env = dict(os.environ, SOLOV2_FRUIT_OUTPUT=folder)
+    start = time.monotonic()
+    subprocess.run(["bash", "tools/train_fruit.sh", *opts], cwd=REPO, env=env, check=True)
+    with open(os.path.join(folder, "wall_seconds.json"), "w") as f:
+        json.dump({"seconds": time.monotonic() - start, "opts": list(opts)}, f)
+
+
+def _evaluate(weights: str, folder: str, opts) -> None:
+    command = [PY, "train_net.py", "--config-file", CONFIG, "--eval-only"]
+    command += ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", folder, *opts]
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+
+
+def _training_weights(run: str) -> str:
+    """The training weights of a run with weight averaging, saved as a checkpoint of their own
+    (model_final.pth holds the average as "model" and them in "model_ema"/"raw_model")."""
+    final = torch.load(os.path.join(run, "model_final.pth"), map_location="cpu", weights_only=False)
+    raw = dict(final["model"])
+    raw.update(final["model_ema"]["raw_model"])
+    path = os.path.join(run, "model_final_training_weights.pth")
+    torch.save({"model": raw}, path)
+    return path
+
+
+def seeds(args) -> None:
+    for s in args.seeds:
+        _train(os.path.join(OUT, f"seed{s}"), ["SEED", str(s)])
+
+
+def ablation(args) -> None:
+    s = args.seed
+    run = os.path.join(OUT, f"seed{s}")
+    if not os.path.isfile(os.path.join(run, "model_final.pth")):
+        _train(run, ["SEED", str(s)])
+    final = os.path.join(run, "model_final.pth")
+    _evaluate(_training_weights(run), os.path.join(OUT, f"no_ema_s{s}"), [])
+    tight = ["MODEL.SOLOV2.BOX_FROM", "tight"]
+    _evaluate(final, os.path.join(OUT, f"no_main_part_boxes_s{s}"), tight)
+    for piece, opts in TRAINING_PIECES.items():
+        folder = os.path.join(OUT, f"no_{piece}_s{s}")
+        if not os.path.isfile(os.path.join(folder, "inference", "results.json")):
+            _train(folder, ["SEED", str(s), *opts])
+
+
+def _results(folder: str):
+    path = os.path.join(folder, "inference", "results.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    wall = os.path.join(folder, "wall_seconds.json")
+    if os.path.isfile(wall):
+        with open(wall) as f:
+            results["wall_seconds"] = json.load(f)["seconds"]
+    return results
+
+
+def _row(name, r, task_suffix=""):
+    segm, bbox = r["segm" + task_suffix], r["bbox" + task_suffix]
+    wall = r.get("wall_seconds")
+    minutes = f"{wall / 60:.1f}" if wall else "-"
+    return (
+        f"| {name} | {segm['AP']:.1f} | {segm['AP50']:.1f} | {bbox['AP']:.1f} | "
+        f"{bbox['AP50']:.1f} | {minutes} |"
+    )
+
+
+def table(args) -> None:
+    header = "| run | mask AP | mask AP50 | box AP | box AP50 | minutes |\n"
+    header += "|---|---:|---:|---:|---:|---:|"
+    folders = sorted(os.listdir(OUT)) if os.path.isdir(OUT) else []
+    seed_runs = [d for d in folders if d.startswith("seed")]
+    print(header)
+    finals = []
+    for d in seed_runs:
+        r = _results(os.path.join(OUT, d))
+        if r is None:
+            continue
+        tta = "segm_TTA" in r
+        print(_row(d + (" (with TTA)" if tta else ""), r, "_TTA" if tta else ""))
+        if tta:
+            print(_row(d + " (without TTA)", r))
+        finals.append(r)
+    if finals:
+        suffix = "_TTA" if all("segm_TTA" in r for r in finals) else ""
+        for task, metric in (("segm", "AP"), ("segm", "AP50"), ("bbox", "AP"), ("bbox", "AP50")):
+            values = [r[task + suffix][metric] for r in finals]
+            spread = f"{min(values):.1f}-{max(values):.1f}"
+            print(f"mean {task} {metric}{suffix}: {statistics.mean(values):.1f} (range {spread})")
+    print()
+    print(header)
+    for d in folders:
+        if d.startswith("no_"):
+            r = _results(os.path.join(OUT, d))
+            if r is not None:
+                tta = "segm_TTA" in r and not d.startswith("no_tta")
+                print(_row(d, r, "_TTA" if tta else ""))
+                if tta:
+                    print(_row(d + " (without TTA)", r))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.set_defaults(run=seeds)
+    p = commands.add_parser("ablation")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=ablation)
+    commands.add_parser("table").set_defaults(run=table)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
