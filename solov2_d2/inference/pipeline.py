@@ -248,20 +248,31 @@ class SOLOv2PostProcessor:
             if found.near_lines is not None:
                 lines = (found.near_lines[0][i, :n, :h_m], found.near_lines[1][i, :n, :w_m])
             masks, boxes = found.masks.paste(probs, image_sizes[i], output_sizes[i], lines)
-            if self.box_from == "main_parts":
-                boxes = main_part_boxes(
-                    masks,
-                    probs,
-                    self.mask_thresh,
-                    image_sizes[i],
-                    self.mask_stride,
-                    self.min_part_fraction,
-                )
+            boxes = self.detection_boxes(masks, boxes, probs, image_sizes[i])
             scores, labels = found.scores[i, :n], found.labels[i, :n]
             results.append(detections_to_instances(masks, scores, labels, boxes))
         self.last_paths = dict(found.masks.paths)
         logger.debug(f"SOLOv2 post-processing took {self.last_paths}")
         return results
+
+    def detection_boxes(self, masks, tight_boxes, probs, image_size) -> torch.Tensor:
+        """The boxes of pasted masks that BOX_FROM asks for.
+
+        Args:
+            masks: bool [N, H, W], pasted at the output size.
+            tight_boxes: float32 [N, 4], their tight boxes (as pasting gives them).
+            probs: float32 [N, h_m, w_m], their probabilities on the image's extent at the mask
+                features' resolution.
+            image_size: (h, w) of the input image.
+        Returns:
+            float32 [N, 4] XYXY: `tight_boxes`, or the main parts' boxes
+            (:func:`~.masks.main_part_boxes`).
+        """
+        if self.box_from == "tight":
+            return tight_boxes
+        return main_part_boxes(
+            masks, probs, self.mask_thresh, image_size, self.mask_stride, self.min_part_fraction
+        )
 
     @torch.no_grad()
     def detect(self, cate_logits, kernels, mask_features, mask_extents) -> Detections:

@@ -201,7 +201,9 @@ class SOLOv2WithTTA(nn.Module):
         kept = nms.keep[0][nms.valid[0]]
         output_size = (dataset_dict["height"], dataset_dict["width"])
         # Step 7 with the frame view's computation of the masks (the model's path).
-        masks, boxes = frame_masks.paste(pool.probs[kept], sizes[frame], output_size)
+        probs = pool.probs[kept]
+        masks, boxes = frame_masks.paste(probs, sizes[frame], output_size)
+        boxes = post.detection_boxes(masks, boxes, probs, sizes[frame])
         scores, labels = nms.scores[0][: len(kept)], nms.labels[0][: len(kept)]
         return {"instances": detections_to_instances(masks, scores, labels, boxes)}
 

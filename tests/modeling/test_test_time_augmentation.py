@@ -35,11 +35,12 @@ def _cfg(path="auto"):
     return cfg
 
 
-def _model(cfg, candidates=300):
-    """A random-weight model under a forced load of compact candidates (near-duplicates)."""
+def _model(cfg, candidates=300, heavy=False):
+    """A random-weight model under a forced load of compact candidates (near-duplicates), or
+    with `heavy` of noisy masks (fragmented)."""
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    ForcedCandidates(candidates).attach(model)
+    ForcedCandidates(candidates, heavy=heavy).attach(model)
     return model
 
 
@@ -63,16 +64,21 @@ def _assert_same(a, b):
     assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
 
 
-@pytest.mark.parametrize("path", ["plain", "fast"])
-def test_the_identity_view_gives_exactly_the_plain_models_instances(path):
+@pytest.mark.parametrize("path, box_from", [("plain", "tight"), ("fast", "main_parts")])
+def test_the_identity_view_gives_exactly_the_plain_models_instances(path, box_from):
     cfg = _cfg(path)
-    model = _model(cfg)
+    cfg.MODEL.SOLOV2.BOX_FROM = box_from
+    # Main parts: fragmented masks, whose boxes differ from the tight ones.
+    model = _model(cfg, heavy=box_from == "main_parts")
     inputs = [_input(_photo("0.jpg")), _input(_photo("1.jpg"))]
     plain = model(inputs)
     augmented = SOLOv2WithTTA(cfg, model)(inputs)
     assert len(augmented) == 2
     for a, b in zip(plain, augmented):
         _assert_same(a["instances"], b["instances"])
+    if box_from == "main_parts":
+        instances = plain[0]["instances"]
+        assert not torch.equal(instances.pred_boxes.tensor, masks_to_boxes(instances.pred_masks))
 
 
 class _FlipOnly:
