@@ -44,6 +44,9 @@ TINY = [
     "MODEL.SOLOV2.MAX_PER_IMAGE_TEST", "10",
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
     "DATALOADER.NUM_WORKERS", "0", "SEED", "0",
+    # The fruit recipe's training-time pieces off (their tests turn them on).
+    "INPUT.LSJ.ENABLED", "False", "INPUT.COLOR_JITTER.ENABLED", "False",
+    "INPUT.COPY_PASTE.ENABLED", "False", "MODEL_EMA.ENABLED", "False", "TEST.AUG.ENABLED", "False",
 ]  # fmt: skip
 
 

@@ -13,6 +13,7 @@
 #                       (detectron2's JSONWriter); events.out.tfevents.* for TensorBoard
 #   model_final.pth     the trained model
 #   inference/results.json      the final evaluation (segm and bbox AP, AP50, ... per class)
+#   inference_TTA/results.json  the same with test-time augmentation (TEST.AUG), when enabled
 #   inference/fruit_val/        the predictions in COCO's format
 #   predictions/*.jpg   the val photos with the predicted masks, classes and scores
 #   learning_curve.png  the training losses and the fruit_val AP at each evaluation
@@ -45,15 +46,23 @@ print("\n".join(d["file_name"] for d in DatasetCatalog.get("fruit_val")))' 2>/de
 
 "$PY" - "$OUT" "$(($(date +%s) - START))" <<'PYTHON'
 import json
+import os
 import sys
 
 out, seconds = sys.argv[1], int(sys.argv[2])
 with open(f"{out}/inference/results.json") as f:
     results = json.load(f)
+if os.path.isfile(f"{out}/inference_TTA/results.json"):
+    with open(f"{out}/inference_TTA/results.json") as f:
+        results.update(json.load(f))
 print(f"\n[train_fruit] fruit_val after {seconds // 60} min {seconds % 60} s in all:")
-for task, name in (("segm", "mask"), ("bbox", "box")):
-    r = results[task]
-    print(f"  {name:4s} AP {r['AP']:5.1f}   AP50 {r['AP50']:5.1f}   AP75 {r['AP75']:5.1f}")
-print(f"  metrics: {out}/inference/results.json, {out}/metrics.json")
+for suffix, how in (("_TTA", "with test-time augmentation"), ("", "without")):
+    if "segm" + suffix not in results:
+        continue
+    print(f"  {how}:")
+    for task, name in (("segm", "mask"), ("bbox", "box")):
+        r = results[task + suffix]
+        print(f"    {name:4s} AP {r['AP']:5.1f}   AP50 {r['AP50']:5.1f}   AP75 {r['AP75']:5.1f}")
+print(f"  metrics: {out}/inference*/results.json, {out}/metrics.json")
 print(f"  pictures: {out}/predictions/, learning curve: {out}/learning_curve.png")
 PYTHON

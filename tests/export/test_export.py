@@ -131,7 +131,7 @@ def test_the_command_writes_one_file_with_dynamic_batch_and_size(exported):
     assert metadata["solov2.num_classes"] == "3"
     assert json.loads(metadata["solov2.thing_classes"]) == ["date", "fig", "hazelnut"]
     assert (metadata["solov2.box_from"], metadata["solov2.box_min_part_fraction"]) == (
-        "tight",
+        "main_parts",
         "0.1",
     )
     # Weights inside: nothing but the file itself was written.
@@ -256,29 +256,28 @@ def test_the_predictor_refuses_a_config_that_disagrees_with_the_export(exported,
     assert f"but the config has {key} {value!r}" in str(e.value)
 
 
-def test_main_part_boxes_are_the_eager_models(exported, tmp_path):
-    """BOX_FROM "main_parts" is drawn by the runtime from the pasted masks: the file of a model
-    exported with it (here the same graph with that metadata) gives eager's boxes, which on
-    these fragmented random masks are not all the tight boxes; a config with the other setting
-    is refused."""
+def test_the_boxes_are_those_the_file_records(exported, tmp_path):
+    """The runtime draws the boxes from the pasted masks as the file records: the fruit config's
+    main parts (eager's boxes: the tests above), or, in a copy of the file that records
+    "tight", eager's tight boxes, which on these fragmented random masks are not all the main
+    parts' boxes; a config with the other setting is refused."""
     model = onnx.load(exported.path)
     for p in model.metadata_props:
         if p.key == "solov2.box_from":
-            p.value = "main_parts"
-    path = str(tmp_path / "main_parts.onnx")
+            p.value = "tight"
+    path = str(tmp_path / "tight.onnx")
     onnx.save(model, path)
     cfg = exported.cfg.clone()
-    cfg.MODEL.SOLOV2.BOX_FROM = "main_parts"
-    predictor, eager = OnnxPredictor(cfg, path), DefaultPredictor(cfg)
-    tight = OnnxPredictor(exported.cfg, exported.path)
+    cfg.MODEL.SOLOV2.BOX_FROM = "tight"
+    tight, eager = OnnxPredictor(cfg, path), DefaultPredictor(cfg)
     narrowed = 0
     for image in photos():
-        ours = predictor(image)
+        ours = tight(image)
         assert_same_instances(ours, eager(image))
-        boxes, tight_boxes = ours["instances"].pred_boxes.tensor, tight(image)["instances"]
-        narrowed += int((boxes != tight_boxes.pred_boxes.tensor).any(dim=1).sum())
+        main_parts = exported.predictor(image)["instances"].pred_boxes.tensor
+        narrowed += int((ours["instances"].pred_boxes.tensor != main_parts).any(dim=1).sum())
     assert narrowed > 0
-    with pytest.raises(ValueError, match="MODEL.SOLOV2.BOX_FROM 'main_parts'.*'tight'"):
+    with pytest.raises(ValueError, match="MODEL.SOLOV2.BOX_FROM 'tight'.*'main_parts'"):
         OnnxPredictor(exported.cfg, path)
 
 
