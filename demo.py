@@ -18,7 +18,8 @@ Example:
         --opts MODEL.WEIGHTS output/fruit/model_final.pth
 
 With `--onnx output/fruit/onnx/model.onnx` (written by `python -m solov2_d2.export`), the exported
-model runs in ONNX Runtime instead; the config then gives only the input size.
+model runs in ONNX Runtime instead (or in OpenVINO, with `--onnx-runtime openvino`); the config
+then gives only the input size.
 """
 import argparse
 import glob
@@ -40,7 +41,7 @@ from solov2_d2 import add_solov2_config
 from solov2_d2.checks import check_weights_are_local
 from solov2_d2.data.images import check_resizable, read_image
 from solov2_d2.engine.predictor import SOLOv2Predictor
-from solov2_d2.export import OnnxPredictor
+from solov2_d2.export import RUNTIMES, OnnxPredictor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -51,6 +52,10 @@ def setup_cfg(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     if not args.onnx:  # an exported model holds its weights
+        if args.onnx_runtime != "onnxruntime":
+            raise ValueError(
+                f"--onnx-runtime {args.onnx_runtime} runs an exported model: give --onnx FILE."
+            )
         if not cfg.MODEL.WEIGHTS:
             raise ValueError(
                 "MODEL.WEIGHTS is empty: the demo needs trained weights, e.g. "
@@ -154,6 +159,13 @@ def get_parser():
         help="run this exported model (python -m solov2_d2.export) in ONNX Runtime instead",
     )
     parser.add_argument(
+        "--onnx-runtime",
+        choices=RUNTIMES,
+        default="onnxruntime",
+        help="with --onnx: the runtime that runs it on the CPU (default: %(default)s; openvino "
+        "needs pip install -e .[openvino])",
+    )
+    parser.add_argument(
         "--opts",
         default=[],
         nargs=argparse.REMAINDER,
@@ -169,7 +181,10 @@ def main(args):
     cfg = setup_cfg(args)
     files = list_images(args.input)
     out_paths = output_paths(files, args.output, logger)
-    predictor = OnnxPredictor(cfg, args.onnx) if args.onnx else SOLOv2Predictor(cfg)
+    if args.onnx:
+        predictor = OnnxPredictor(cfg, args.onnx, runtime=args.onnx_runtime)
+    else:
+        predictor = SOLOv2Predictor(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     if args.onnx:  # the class names the exported model records, not the config's datasets'
         metadata = predictor.metadata

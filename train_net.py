@@ -61,6 +61,7 @@ from solov2_d2.engine.checkpoint import SOLOv2Checkpointer
 from solov2_d2.engine.ema import add_model_ema_hook
 from solov2_d2.engine.launch import create_ddp_model, launch
 from solov2_d2.engine.solver import build_optimizer
+from solov2_d2.export import RUNTIMES
 from solov2_d2.modeling.test_time_augmentation import SOLOv2WithTTA
 
 
@@ -230,9 +231,12 @@ def setup(args):
 def main(args):
     cfg = setup(args)
 
+    runtime = getattr(args, "onnx_runtime", "onnxruntime")
+    if runtime != "onnxruntime" and not getattr(args, "onnx", None):
+        raise ValueError(f"--onnx-runtime {runtime} runs an exported model: give --onnx FILE.")
     if getattr(args, "onnx", None):
-        # A model exported by `python -m solov2_d2.export`, evaluated in ONNX Runtime as
-        # --eval-only evaluates the eager model (same evaluators, same results.json).
+        # A model exported by `python -m solov2_d2.export`, evaluated in ONNX Runtime (or
+        # OpenVINO) as --eval-only evaluates the eager model (same evaluators, same results.json).
         from solov2_d2.export import OnnxInferenceModel, OnnxPredictor
 
         if not args.eval_only or cfg.TEST.AUG.ENABLED:
@@ -240,7 +244,7 @@ def main(args):
                 f"--onnx {args.onnx}: an exported model is only evaluated, with --eval-only "
                 "and without test-time augmentation (TEST.AUG.ENABLED False)."
             )
-        res = Trainer.test(cfg, OnnxInferenceModel(OnnxPredictor(cfg, args.onnx)))
+        res = Trainer.test(cfg, OnnxInferenceModel(OnnxPredictor(cfg, args.onnx, runtime=runtime)))
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
@@ -294,6 +298,13 @@ def argument_parser():
         metavar="FILE",
         help="with --eval-only: evaluate this model exported by `python -m solov2_d2.export` "
         "(in ONNX Runtime, on the CPU) instead of MODEL.WEIGHTS",
+    )
+    parser.add_argument(
+        "--onnx-runtime",
+        choices=RUNTIMES,
+        default="onnxruntime",
+        help="with --onnx: the runtime that runs it on the CPU (default: %(default)s; openvino "
+        "needs pip install -e .[openvino])",
     )
     return parser
 

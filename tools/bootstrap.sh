@@ -18,8 +18,8 @@ VENV="${SOLOV2_VENV:-$ROOT/.venv}"
 TORCH_REQ="${SOLOV2_TORCH:-torch==2.14.1 torchvision==0.29.1}"
 D2_SDIST="pb1-detectron2==0.6"
 STAMP="$VENV/.solov2_d2-bootstrap"
-# What a complete environment imports (the project with its test and export extras).
-IMPORTS="import solov2_d2, detectron2.modeling, onnx, onnxscript, onnxruntime"
+# What a complete environment imports (the project with its test, export and openvino extras).
+IMPORTS="import solov2_d2, detectron2.modeling, onnx, onnxscript, onnxruntime, openvino"
 
 # Everything that decides what gets installed; a change of any of it re-runs the install.
 fingerprint() {
@@ -73,8 +73,8 @@ else
     "${PIP[@]}" install -q --no-deps --no-build-isolation "$src"
 fi
 
-log "installing solov2_d2 (editable) with its test tools and ONNX export"
-"${PIP[@]}" install -q --no-build-isolation -e "$ROOT[test,export]"
+log "installing solov2_d2 (editable) with its test tools, ONNX export and OpenVINO"
+"${PIP[@]}" install -q --no-build-isolation -e "$ROOT[test,export,openvino]"
 
 "$VENV/bin/python" -c "$IMPORTS"
 fingerprint > "$STAMP"

@@ -1,5 +1,6 @@
 """ONNX export of whole SOLOv2 models (pre-processing, network and post-processing in one graph),
-and a predictor that runs exported models in ONNX Runtime; see the README's "Deploy" section.
+and a predictor that runs exported models in ONNX Runtime or OpenVINO; see the README's "Deploy"
+section.
 
 Command line: ``python -m solov2_d2.export --config-file ... --output DIR [KEY VALUE ...]``.
 """
@@ -12,11 +13,12 @@ from .graph import (
     export_onnx,
     require_export_packages,
 )
-from .predictor import OnnxInferenceModel, OnnxPredictor
+from .predictor import RUNTIMES, OnnxInferenceModel, OnnxPredictor
 
 __all__ = [
     "DEFAULT_MAX_CANDIDATES",
     "MIN_OPSET",
+    "RUNTIMES",
     "ExportOutputs",
     "OnnxInferenceModel",
     "OnnxPredictor",

@@ -146,8 +146,9 @@ class SOLOv2ExportModule(nn.Module):
         return images, sizes
 
 
-def require_export_packages(*names: str):
-    """Raise ImportError naming the install command when a package of `names` is missing."""
+def require_export_packages(*names: str, extra: str = "export"):
+    """Raise ImportError naming the install command (of the project's `extra`) when a package
+    of `names` is missing."""
     missing = []
     for name in names:
         try:
@@ -157,7 +158,7 @@ def require_export_packages(*names: str):
     if missing:
         raise ImportError(
             f"ONNX export and inference need {', '.join(missing)}, which are not installed: "
-            "pip install -e .[export]"
+            f"pip install -e .[{extra}]"
         )
 
 

@@ -1,5 +1,5 @@
-"""An exported SOLOv2 run by ONNX Runtime, with the interfaces of detectron2's `DefaultPredictor`
-and of a model in inference (for the evaluators)."""
+"""An exported SOLOv2 run by ONNX Runtime or OpenVINO, with the interfaces of detectron2's
+`DefaultPredictor` and of a model in inference (for the evaluators)."""
 import json
 import logging
 from typing import Dict, List, Optional, Sequence
@@ -17,14 +17,42 @@ from ..inference.masks import main_part_boxes, paste_masks
 from ..inference.pipeline import detections_to_instances
 from ..modeling.meta_arch import mask_extent
 from .graph import INPUT_NAMES, OUTPUT_NAMES, require_export_packages
+from .openvino_runtime import OpenVinoGraph
 
-__all__ = ["OnnxInferenceModel", "OnnxPredictor"]
+__all__ = ["RUNTIMES", "OnnxInferenceModel", "OnnxPredictor", "OnnxRuntimeGraph"]
 
 logger = logging.getLogger(__name__)
 
+# The runtimes OnnxPredictor runs the graph in (its `runtime` argument).
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+class OnnxRuntimeGraph:
+    """The graph of an exported file in an ONNX Runtime session.
+
+    Called with the graph's inputs (``{"images": float32 [B, 3, H, W], "image_sizes": int64
+    [B, 2]}``, as :meth:`OnnxPredictor.graph_inputs` returns them), it returns the outputs as
+    numpy arrays in OUTPUT_NAMES order, with :class:`ExportOutputs`' shapes and dtypes.
+    :attr:`metadata` holds the file's metadata (``solov2.*`` keys to strings).
+    """
+
+    def __init__(self, onnx_path: str, providers: Sequence[str], session_options=None):
+        require_export_packages("onnxruntime")
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(
+            onnx_path, sess_options=session_options, providers=list(providers)
+        )
+        self.metadata: Dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def __call__(self, inputs: Dict[str, np.ndarray]) -> List[np.ndarray]:
+        return self.session.run(list(OUTPUT_NAMES), inputs)
+
 
 class OnnxPredictor:
-    """Runs a model exported by :func:`export_onnx` in ONNX Runtime.
+    """Runs a model exported by :func:`export_onnx` in ONNX Runtime (the default) or in Intel's
+    OpenVINO (``runtime="openvino"``, :class:`OpenVinoGraph`); both run the graph alone, and
+    everything after it (pasting, boxes, checks) is this class's.
 
     `predictor(image)` takes a BGR uint8 [H, W, 3] image and returns `{"instances": Instances}`
     as `DefaultPredictor` does: the image is resized as the config's INPUT.MIN_SIZE_TEST and
@@ -53,6 +81,8 @@ class OnnxPredictor:
         onnx_path: str,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         session_options=None,
+        runtime: str = "onnxruntime",
+        num_threads: Optional[int] = None,
     ):
         """
         Args:
@@ -62,14 +92,30 @@ class OnnxPredictor:
             onnx_path: the exported file.
             providers: ONNX Runtime execution providers, in order of preference.
             session_options: `onnxruntime.SessionOptions` (e.g. thread counts), or None.
+            runtime: "onnxruntime" or "openvino" (needs the `openvino` extra).
+            num_threads: OpenVINO's inference threads, or None for OpenVINO's default (ONNX
+                Runtime's are set in `session_options`).
         """
-        require_export_packages("onnxruntime")
-        import onnxruntime
-
-        self.session = onnxruntime.InferenceSession(
-            onnx_path, sess_options=session_options, providers=list(providers)
-        )
-        metadata = self.session.get_modelmeta().custom_metadata_map
+        if runtime == "onnxruntime":
+            if num_threads is not None:
+                raise ValueError(
+                    "num_threads is OpenVINO's: set ONNX Runtime's threads in session_options."
+                )
+            self.graph = OnnxRuntimeGraph(onnx_path, providers, session_options)
+        elif runtime == "openvino":
+            if session_options is not None:
+                raise ValueError(
+                    "session_options are ONNX Runtime's: give OpenVINO's threads as num_threads."
+                )
+            self.graph = OpenVinoGraph(onnx_path, num_threads)
+        else:
+            raise ValueError(
+                f"Unknown runtime {runtime!r}; expected one of {', '.join(map(repr, RUNTIMES))}."
+            )
+        self.runtime = runtime
+        # ONNX Runtime's session, to run or time the bare graph; None with OpenVINO.
+        self.session = getattr(self.graph, "session", None)
+        metadata = self.graph.metadata
         try:
             self.size_divisibility = int(metadata["solov2.size_divisibility"])
             self.max_candidates = int(metadata["solov2.max_candidates"])
@@ -186,7 +232,7 @@ class OnnxPredictor:
                 )
         inputs = self.graph_inputs(batched_inputs)
         sizes = inputs["image_sizes"]
-        outputs = self.session.run(list(OUTPUT_NAMES), inputs)
+        outputs = self.graph(inputs)
         found = dict(zip(OUTPUT_NAMES, (torch.from_numpy(x) for x in outputs)))
 
         results = []

@@ -50,8 +50,12 @@ def trained(tmp_path_factory):
     return weights, path
 
 
-def evaluate(output_dir, weights, *flags):
-    argv = [*flags] + tiny_fruit_argv(output_dir, "MODEL.WEIGHTS", str(weights), eval_only=True)
+def evaluate(output_dir, weights, *flags, opts=()):
+    """train_net.py --eval-only of the tiny fruit config with `flags` and then config `opts`:
+    the results.json it writes."""
+    argv = [*flags] + tiny_fruit_argv(
+        output_dir, "MODEL.WEIGHTS", str(weights), *opts, eval_only=True
+    )
     train_net.main(train_net.argument_parser().parse_args(argv))
     return json.loads((output_dir / "inference" / "results.json").read_text())
 

@@ -82,6 +82,21 @@ def test_the_int8_file_quantizes_the_network_convolutions_only(quantized):
     assert float_model.ByteSize() > 3 * model.ByteSize()
 
 
+def assert_close_detections(a, b):
+    """Instances `a` and `b` of one photo are close: more than 10 each, counts within half of
+    `a`'s, the top 10 scores within 0.02, and the top 10 masks of `a` found in `b` (best IoU:
+    median >= 0.5, max >= 0.8)."""
+    assert len(a) > 10 and len(b) > 10
+    assert abs(len(a) - len(b)) <= 0.5 * len(a)
+    torch.testing.assert_close(a.scores[:10], b.scores[:10], atol=0.02, rtol=0)
+    masks_a = a.pred_masks[:10].flatten(1).float()
+    masks_b = b.pred_masks.flatten(1).float()
+    inter = masks_a @ masks_b.T
+    union = masks_a.sum(1)[:, None] + masks_b.sum(1)[None] - inter
+    best = (inter / union.clamp(min=1)).max(dim=1).values
+    assert best.median() >= 0.5 and best.max() >= 0.8
+
+
 def test_int8_detections_are_close_to_the_float_models(quantized):
     """The random model's masks are noise of kernels scaled by 30, which makes them sensitive
     to rounding: close, not equal."""
@@ -89,17 +104,9 @@ def test_int8_detections_are_close_to_the_float_models(quantized):
     float_predictor, int8_predictor = OnnxPredictor(cfg, float_path), OnnxPredictor(cfg, int8_path)
     assert int8_predictor.thing_classes == ["date", "fig", "hazelnut"]
     for photo in photos()[:2]:
-        a = float_predictor(photo)["instances"]
-        b = int8_predictor(photo)["instances"]
-        assert len(a) > 10 and len(b) > 10
-        assert abs(len(a) - len(b)) <= 0.5 * len(a)
-        torch.testing.assert_close(a.scores[:10], b.scores[:10], atol=0.02, rtol=0)
-        masks_a = a.pred_masks[:10].flatten(1).float()
-        masks_b = b.pred_masks.flatten(1).float()
-        inter = masks_a @ masks_b.T
-        union = masks_a.sum(1)[:, None] + masks_b.sum(1)[None] - inter
-        best = (inter / union.clamp(min=1)).max(dim=1).values
-        assert best.median() >= 0.5 and best.max() >= 0.8
+        assert_close_detections(
+            float_predictor(photo)["instances"], int8_predictor(photo)["instances"]
+        )
 
 
 def test_calibration_errors_name_the_dataset(checkpoint, tmp_path):
