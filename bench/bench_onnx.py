@@ -1,12 +1,14 @@
-"""Latency of an exported SOLOv2 in ONNX Runtime (CPU), float32 and int8, next to PyTorch eager.
+"""Latency of an exported SOLOv2 in ONNX Runtime or OpenVINO (CPU), float32 and int8, next to
+PyTorch eager.
 
-Both run the whole pipeline of one BGR image, as an application does: resize, network and
+Each runs the whole pipeline of one BGR image, as an application does: resize, network and
 post-processing, masks pasted at the image's size (`OnnxPredictor` and `SOLOv2Predictor`,
 detectron2's `DefaultPredictor`), on the same images. `--int8 FILE` adds the quantized model
-(`python -m solov2_d2.export ... --quantize int8`). The runtimes take turns image by image, so
-a drift in the machine's speed touches all of them alike. Prints a Markdown table of the median
-time per image, its spread (the 10th to 90th percentile of all timed runs), the ratio to eager
-and the number of detections of each; `--json PATH` also writes the results.
+(`python -m solov2_d2.export ... --quantize int8`); `--openvino` adds the files run by OpenVINO
+(`OnnxPredictor(..., runtime="openvino")`, the `openvino` extra). The runtimes take turns image
+by image, so a drift in the machine's speed touches all of them alike. Prints a Markdown table
+of the median time per image, its spread (the 10th to 90th percentile of all timed runs), the
+ratio to eager and the number of detections of each; `--json PATH` also writes the results.
 
     python -m solov2_d2.export --config-file configs/fruit/SOLOv2_R18_fruit.yaml \\
         --output output/fruit/onnx MODEL.WEIGHTS output/fruit/model_final.pth
@@ -40,6 +42,7 @@ def get_parser():
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--onnx", required=True, metavar="FILE", help="the exported model")
     parser.add_argument("--int8", metavar="FILE", help="also time this int8 model")
+    parser.add_argument("--openvino", action="store_true", help="also time them in OpenVINO")
     parser.add_argument(
         "--input", nargs="+", help="image files (default: the fruit_val photos)", default=[]
     )
@@ -90,12 +93,23 @@ def main(args):
     }
     if args.int8:
         predictors["ONNX Runtime, int8"] = OnnxPredictor(cfg, args.int8, session_options=options)
+    if args.openvino:
+        for precision, path in (("float32", args.onnx), ("int8", args.int8)):
+            if path:
+                predictors[f"OpenVINO, {precision}"] = OnnxPredictor(
+                    cfg, path, runtime="openvino", num_threads=args.threads
+                )
     results = time_per_image(predictors, images, args.repeat)
 
     sizes = sorted({f"{im.shape[1]}x{im.shape[0]}" for im in images})
+    versions = f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
+    if args.openvino:
+        import openvino
+
+        versions += f", openvino {openvino.__version__.split('-')[0]}"
     print(
         f"{len(images)} images ({', '.join(sizes)}), input short side {cfg.INPUT.MIN_SIZE_TEST}, "
-        f"{args.threads} threads, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
+        f"{args.threads} threads, {versions}"
     )
     print("| runtime | median ms / image | 10th-90th percentile | / eager | detections |")
     print("|---|---:|---:|---:|---:|")
