@@ -1,6 +1,7 @@
 """The learning curve of a training run, drawn from the ``metrics.json`` that detectron2's
 ``JSONWriter`` writes in its output folder: the training losses against the iteration, and the
-evaluations' mask and box AP (and AP50) against the iteration of each evaluation.
+evaluations' mask and box AP (and AP50) against the iteration of each evaluation (with
+test-time augmentation: its AP as a star).
 
     python -m solov2_d2.engine.learning_curve OUTPUT_DIR [--output FILE]
 
@@ -21,6 +22,8 @@ _AP_CURVES = (
     ("segm/AP50", "mask AP50", "C0--o"),
     ("bbox/AP", "box AP", "C3-s"),
     ("bbox/AP50", "box AP50", "C3--s"),
+    ("segm_TTA/AP", "mask AP, test-time augmentation", "C0*"),
+    ("bbox_TTA/AP", "box AP, test-time augmentation", "C3*"),
 )
 _LOSS_CURVES = ("total_loss", "loss_cate", "loss_mask")
 
@@ -97,13 +100,13 @@ def draw_learning_curve(metrics_path: str, output_path: str, title: str = "") ->
     left.grid(alpha=0.3)
     for (label, style), (iterations, values) in aps.items():
         if iterations:
-            right.plot(iterations, values, style, label=label)
+            right.plot(iterations, values, style, label=label, markersize=12 if "*" in style else 6)
     right.set_xlabel("iteration")
     right.set_ylabel("evaluation (COCO AP, %)")
     right.set_xlim(left.get_xlim())
     right.set_ylim(0, 100)
     if any(iterations for iterations, _ in aps.values()):
-        right.legend()
+        right.legend(loc="upper left", fontsize="small")
     else:
         right.text(0.5, 0.5, "no evaluation", ha="center", transform=right.transAxes)
     right.grid(alpha=0.3)
