@@ -1,7 +1,7 @@
 """The fruit job's recipe measured: seeds, and each piece removed in turn (issue 24).
 
     .venv/bin/python bench/fruit_recipe.py seeds [--seeds 0 1 2]
-    .venv/bin/python bench/fruit_recipe.py ablation [--seed 0]
+    .venv/bin/python bench/fruit_recipe.py ablation [--seed 0] [--evaluations-only]
     .venv/bin/python bench/fruit_recipe.py table
 
 `seeds` runs `bash tools/train_fruit.sh SEED s` (the recipe of configs/fruit) into
@@ -75,6 +75,8 @@ def ablation(args) -> None:
     _evaluate(_training_weights(run), os.path.join(OUT, f"no_ema_s{s}"), [])
     tight = ["MODEL.SOLOV2.BOX_FROM", "tight"]
     _evaluate(final, os.path.join(OUT, f"no_main_part_boxes_s{s}"), tight)
+    if args.evaluations_only:
+        return
     for piece, opts in TRAINING_PIECES.items():
         folder = os.path.join(OUT, f"no_{piece}_s{s}")
         if not os.path.isfile(os.path.join(folder, "inference", "results.json")):
@@ -87,6 +89,10 @@ def _results(folder: str):
         return None
     with open(path) as f:
         results = json.load(f)
+    tta = os.path.join(folder, "inference_TTA", "results.json")
+    if os.path.isfile(tta):
+        with open(tta) as f:
+            results.update(json.load(f))
     wall = os.path.join(folder, "wall_seconds.json")
     if os.path.isfile(wall):
         with open(wall) as f:
@@ -146,6 +152,11 @@ def main():
     p.set_defaults(run=seeds)
     p = commands.add_parser("ablation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--evaluations-only",
+        action="store_true",
+        help="only the pieces scored on the seed's run (weight averaging, main-part boxes)",
+    )
     p.set_defaults(run=ablation)
     commands.add_parser("table").set_defaults(run=table)
     args = parser.parse_args()
