@@ -84,6 +84,16 @@ def test_onnx_evaluation_equals_the_eager_evaluation(trained, tmp_path):
     assert max(abs(a - b) for a, b in zip(*scores)) <= 1e-3
 
 
+def test_test_time_augmentation_is_left_out_with_a_warning(trained, tmp_path, caplog):
+    """The fruit config asks for TTA; an exported model (one view) is evaluated without it."""
+    weights, path = trained
+    tta = ("TEST.AUG.ENABLED", "True")
+    onnx_run = evaluate(tmp_path / "onnx", weights, "--onnx", path, opts=tta)
+    assert set(onnx_run) == {"segm", "bbox"}
+    assert not (tmp_path / "onnx" / "inference_TTA").exists()
+    assert "test-time augmentation (TEST.AUG.ENABLED) is not run" in caplog.text
+
+
 def test_onnx_needs_eval_only(trained, tmp_path):
     weights, path = trained
     argv = ["--config-file", FRUIT_CONFIG, "--onnx", path, "OUTPUT_DIR", str(tmp_path)]
