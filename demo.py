@@ -41,7 +41,7 @@ from solov2_d2 import add_solov2_config
 from solov2_d2.checks import check_weights_are_local
 from solov2_d2.data.images import check_resizable, read_image
 from solov2_d2.engine.predictor import SOLOv2Predictor
-from solov2_d2.export import RUNTIMES, OnnxPredictor
+from solov2_d2.export import OnnxPredictor, add_runtime_argument
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -158,13 +158,7 @@ def get_parser():
         metavar="FILE",
         help="run this exported model (python -m solov2_d2.export) in ONNX Runtime instead",
     )
-    parser.add_argument(
-        "--onnx-runtime",
-        choices=RUNTIMES,
-        default="onnxruntime",
-        help="with --onnx: the runtime that runs it on the CPU (default: %(default)s; openvino "
-        "needs pip install -e .[openvino])",
-    )
+    add_runtime_argument(parser)
     parser.add_argument(
         "--opts",
         default=[],

@@ -61,7 +61,7 @@ from solov2_d2.engine.checkpoint import SOLOv2Checkpointer
 from solov2_d2.engine.ema import add_model_ema_hook
 from solov2_d2.engine.launch import create_ddp_model, launch
 from solov2_d2.engine.solver import build_optimizer
-from solov2_d2.export import RUNTIMES
+from solov2_d2.export import add_runtime_argument
 from solov2_d2.modeling.test_time_augmentation import SOLOv2WithTTA
 
 
@@ -303,13 +303,7 @@ def argument_parser():
         help="with --eval-only: evaluate this model exported by `python -m solov2_d2.export` "
         "(in ONNX Runtime, on the CPU) instead of MODEL.WEIGHTS",
     )
-    parser.add_argument(
-        "--onnx-runtime",
-        choices=RUNTIMES,
-        default="onnxruntime",
-        help="with --onnx: the runtime that runs it on the CPU (default: %(default)s; openvino "
-        "needs pip install -e .[openvino])",
-    )
+    add_runtime_argument(parser)
     return parser
 
 

@@ -13,12 +13,13 @@ from .graph import (
     export_onnx,
     require_export_packages,
 )
-from .predictor import RUNTIMES, OnnxInferenceModel, OnnxPredictor
+from .predictor import RUNTIMES, OnnxInferenceModel, OnnxPredictor, add_runtime_argument
 
 __all__ = [
     "DEFAULT_MAX_CANDIDATES",
     "MIN_OPSET",
     "RUNTIMES",
+    "add_runtime_argument",
     "ExportOutputs",
     "OnnxInferenceModel",
     "OnnxPredictor",

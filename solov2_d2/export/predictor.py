@@ -19,12 +19,30 @@ from ..modeling.meta_arch import mask_extent
 from .graph import INPUT_NAMES, OUTPUT_NAMES, require_export_packages
 from .openvino_runtime import OpenVinoGraph
 
-__all__ = ["RUNTIMES", "OnnxInferenceModel", "OnnxPredictor", "OnnxRuntimeGraph"]
+__all__ = [
+    "RUNTIMES",
+    "OnnxInferenceModel",
+    "OnnxPredictor",
+    "OnnxRuntimeGraph",
+    "add_runtime_argument",
+]
 
 logger = logging.getLogger(__name__)
 
 # The runtimes OnnxPredictor runs the graph in (its `runtime` argument).
 RUNTIMES = ("onnxruntime", "openvino")
+
+
+def add_runtime_argument(parser) -> None:
+    """Add ``--onnx-runtime`` (one of RUNTIMES, default onnxruntime) to an argparse parser, as
+    the scripts that take ``--onnx`` have it."""
+    parser.add_argument(
+        "--onnx-runtime",
+        choices=RUNTIMES,
+        default="onnxruntime",
+        help="with --onnx: the runtime that runs it on the CPU (default: %(default)s; openvino "
+        "needs pip install -e .[openvino])",
+    )
 
 
 class OnnxRuntimeGraph:
