@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/fruit_recipe.py seeds [--seeds 0 1 2]
     .venv/bin/python bench/fruit_recipe.py ablation [--seed 0] [--evaluations-only]
+    .venv/bin/python bench/fruit_recipe.py folds [--folds 0 1 2] [--seed 0]
     .venv/bin/python bench/fruit_recipe.py table
 
 `seeds` runs `bash tools/train_fruit.sh SEED s` (the recipe of configs/fruit) into
@@ -10,7 +11,10 @@ that piece off (large-scale jitter, colour jitter, copy-paste) into output/recip
 and scores the pieces that act after training on the seed's run without retraining: weight
 averaging (the training weights that `model_final.pth` keeps beside the average), test-time
 augmentation (the plain evaluation) and main-part boxes (tight boxes), by `train_net.py
---eval-only`. `table` prints what output/recipe holds as Markdown. Run one at a time, on a
+--eval-only`. `folds` trains the recipe on the folds of fruit_train (fruit_fold<k>_train,
+evaluated on fruit_fold<k>_val) into output/recipe/fold<k>_s<s>, and scores the training weights
+beside the average there too (fold<k>_s<s>_no_ema): the choices made without fruit_val. `table`
+prints what output/recipe holds as Markdown. Run one at a time, on a
 quiet machine: the wall times are part of the result.
 """
 import argparse
@@ -83,6 +87,17 @@ def ablation(args) -> None:
             _train(folder, ["SEED", str(s), *opts])
 
 
+def folds(args) -> None:
+    s = args.seed
+    for k in args.folds:
+        run = os.path.join(OUT, f"fold{k}_s{s}")
+        datasets = ["DATASETS.TRAIN", f'("fruit_fold{k}_train",)']
+        datasets += ["DATASETS.TEST", f'("fruit_fold{k}_val",)']
+        if not os.path.isfile(os.path.join(run, "model_final.pth")):
+            _train(run, ["SEED", str(s), *datasets])
+        _evaluate(_training_weights(run), run + "_no_ema", datasets)
+
+
 def _results(folder: str):
     path = os.path.join(folder, "inference", "results.json")
     if not os.path.isfile(path):
@@ -135,7 +150,7 @@ def table(args) -> None:
     print()
     print(header)
     for d in folders:
-        if d.startswith("no_"):
+        if d.startswith(("no_", "fold")):
             r = _results(os.path.join(OUT, d))
             if r is not None:
                 tta = "segm_TTA" in r and not d.startswith("no_tta")
@@ -158,6 +173,10 @@ def main():
         help="only the pieces scored on the seed's run (weight averaging, main-part boxes)",
     )
     p.set_defaults(run=ablation)
+    p = commands.add_parser("folds")
+    p.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=folds)
     commands.add_parser("table").set_defaults(run=table)
     args = parser.parse_args()
     args.run(args)

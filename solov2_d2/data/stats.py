@@ -11,16 +11,21 @@ the images' own pixels and at the training input scale (the resize of ``INPUT.MI
 
 The suggestions (heuristics, to start tuning from; see docs/training_recipe.md):
 
-* input short side: the config's ``MIN_SIZE_TEST``; ``smallest_short_side`` is the smallest
-  one (a multiple of 32) that keeps 95% of the objects at least ``MIN_OBJECT_SIZE`` (24) input
-  pixels wide: the cheapest input (for a CPU), or, when larger than the config's, a sign that
-  small objects are too small there; ``MIN_SIZE_TRAIN`` jitters the short side by +-20%;
-* FPN levels: of SOLOv2's five (P2..P6, strides 8, 8, 16, 32, 32, ranges [1, 96], [48, 192],
-  [96, 384], [192, 768], [384, 2048]), those whose range holds objects between the 1st and
-  99th percentile of the sizes at the input scale; the first kept range starts at 1 and the
-  last ends at 2048, so that no object is left out;
-* NUM_GRIDS: the defaults for an 800-pixel short side ([40, 36, 24, 16, 12]) scaled to the
-  input short side (a grid cell keeps its size in pixels), at least 2.
+* input sizes: the config's ``MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``; ``MIN_SIZE_TRAIN`` jitters the
+  short side by about +-10% in steps of 32 (``MAX_SIZE_TRAIN`` as at test time);
+  ``smallest_short_side`` is the smallest short side (a multiple of 32) that keeps 95% of the
+  objects at least ``MIN_OBJECT_SIZE`` (24) input pixels wide: the cheapest input (for a CPU),
+  or, when larger than the config's, a sign that small objects are too small there;
+* levels: SOLOv2's scale ranges follow one pattern, level k holding objects of size
+  [b * 2^(k-1), b * 2^(k+1)] (the published b = 48: [1, 96], [48, 192], ... [384, 2048], the
+  first starting at 1 and the last ending at 2048 so that no object is left out). The objects
+  between the 1st and 99th percentile of size, over the training sizes, span log2(p99 / p1)
+  octaves; they get one level per octave and one more (at most the five of P2..P6), with b
+  placed so that the levels' centres (b * 2^k) sit around the objects' geometric mean size
+  (rounded to a multiple of 16). Objects that need all five levels get the published ranges;
+* NUM_GRIDS: the published grids of an 800-pixel short side ([40, 36, 24, 16, 12]) scaled so that
+  an object at the centre of each level spans as many grid cells as with the published b and
+  grids: by the input short side / 800 and by 48 / b; at least 2.
 """
 import argparse
 import json
@@ -37,12 +42,15 @@ from detectron2.structures import BoxMode
 __all__ = ["dataset_stats", "main", "suggest_settings"]
 
 # SOLOv2's levels (detectron2 names, strides of the kernel branch, scale ranges, grids of an
-# 800-pixel short side): configs/Base-SOLOv2.yaml and add_solov2_config.
+# 800-pixel short side): configs/Base-SOLOv2.yaml and add_solov2_config. The ranges are
+# _scale_ranges(PUBLISHED_BASE, 5).
 LEVELS = ["p2", "p3", "p4", "p5", "p6"]
 STRIDES = [8, 8, 16, 32, 32]
 SCALE_RANGES = [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]]
 NUM_GRIDS = [40, 36, 24, 16, 12]
+PUBLISHED_BASE = 48
 REFERENCE_SHORT_SIDE = 800
+TRAIN_SIZE_JITTER = 0.1
 MIN_OBJECT_SIZE = 24
 PERCENTILES = [0, 1, 5, 25, 50, 75, 95, 99, 100]
 
@@ -109,6 +117,23 @@ def _round32(x: float) -> int:
     return max(32, int(round(x / 32)) * 32)
 
 
+def _scale_ranges(base: int, num_levels: int) -> List[List[int]]:
+    """[b * 2^(k-1), b * 2^(k+1)] for k < num_levels, the first from 1, the last to 2048."""
+    ranges = [[base * 2**k // 2, base * 2 ** (k + 1)] for k in range(num_levels)]
+    ranges[0][0], ranges[-1][1] = 1, 2048
+    return ranges
+
+
+def _levels_for(low: float, high: float):
+    """(number of levels, b) for objects of sizes in [low, high] input pixels."""
+    octaves = math.log2(max(high, 1e-6) / max(low, 1e-6))
+    num_levels = min(len(LEVELS), max(1, math.ceil(octaves) + 1))
+    if num_levels == len(LEVELS):
+        return num_levels, PUBLISHED_BASE
+    centre = math.sqrt(max(low, 1e-6) * max(high, 1e-6)) / 2 ** ((num_levels - 1) / 2)
+    return num_levels, max(16, 16 * int(round(centre / 16)))
+
+
 def suggest_settings(stats: dict) -> dict:
     """Config keys suggested by :func:`dataset_stats`'s result (see the module's docstring):
     {"INPUT.MIN_SIZE_TRAIN": [...], "INPUT.MIN_SIZE_TEST": int, "INPUT.MAX_SIZE_TRAIN": int,
@@ -117,27 +142,27 @@ def suggest_settings(stats: dict) -> dict:
     "MODEL.SOLOV2.NUM_GRIDS": [...], "smallest_short_side": int}; levels and grids are for the
     input of `stats` ("input")."""
     short, max_size = stats["input"]["min_size"], stats["input"]["max_size"]
+    jitter = (1 - TRAIN_SIZE_JITTER, 1, 1 + TRAIN_SIZE_JITTER)
+    train_sizes = sorted({_round32(short * f) for f in jitter})
     sizes = stats["object_size_input"]
-    if sizes:
-        low, high, p5 = sizes["p1"], sizes["p99"], sizes["p5"]
-        keep = [k for k, (a, b) in enumerate(SCALE_RANGES) if a <= high and b >= low]
-        keep = keep or [min(range(len(LEVELS)), key=lambda k: abs(SCALE_RANGES[k][0] - low))]
-        smallest = 32 * math.ceil(short * MIN_OBJECT_SIZE / max(p5, 1e-6) / 32)
+    if sizes:  # the objects' sizes over the training sizes
+        low, high = sizes["p1"] * train_sizes[0] / short, sizes["p99"] * train_sizes[-1] / short
+        num_levels, base = _levels_for(low, high)
+        smallest = 32 * math.ceil(short * MIN_OBJECT_SIZE / max(sizes["p5"], 1e-6) / 32)
     else:  # no instances: the default levels
-        keep, smallest = list(range(len(LEVELS))), short
-    keep = list(range(keep[0], keep[-1] + 1))
-    ranges = [list(SCALE_RANGES[k]) for k in keep]
-    ranges[0][0], ranges[-1][1] = 1, 2048
-    grids = [max(2, int(round(NUM_GRIDS[k] * short / REFERENCE_SHORT_SIDE))) for k in keep]
-    train_sizes = sorted({_round32(short * f) for f in (0.8, 0.9, 1.0, 1.1, 1.2)})
+        (num_levels, base), smallest = (len(LEVELS), PUBLISHED_BASE), short
+    grids = [
+        max(2, int(round(NUM_GRIDS[k] * short / REFERENCE_SHORT_SIDE * PUBLISHED_BASE / base)))
+        for k in range(num_levels)
+    ]
     return {
         "INPUT.MIN_SIZE_TRAIN": train_sizes,
-        "INPUT.MAX_SIZE_TRAIN": 32 * math.ceil(max_size * train_sizes[-1] / short / 32),
+        "INPUT.MAX_SIZE_TRAIN": int(max_size),
         "INPUT.MIN_SIZE_TEST": int(short),
         "INPUT.MAX_SIZE_TEST": int(max_size),
-        "MODEL.SOLOV2.INSTANCE_IN_FEATURES": [LEVELS[k] for k in keep],
-        "MODEL.SOLOV2.INSTANCE_STRIDES": [STRIDES[k] for k in keep],
-        "MODEL.SOLOV2.SCALE_RANGES": ranges,
+        "MODEL.SOLOV2.INSTANCE_IN_FEATURES": LEVELS[:num_levels],
+        "MODEL.SOLOV2.INSTANCE_STRIDES": STRIDES[:num_levels],
+        "MODEL.SOLOV2.SCALE_RANGES": _scale_ranges(base, num_levels),
         "MODEL.SOLOV2.NUM_GRIDS": grids,
         "smallest_short_side": int(smallest),
     }

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from conftest import FRUIT_CONFIG, REPO, SHARED, small_solov2_cfg
 
+from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 
-from solov2_d2.config import check_solov2_config
+from solov2_d2.config import add_solov2_config, check_solov2_config
 from solov2_d2.data.stats import LEVELS, SCALE_RANGES, dataset_stats, main, suggest_settings
 
 
@@ -69,31 +70,57 @@ def test_suggestions_are_a_valid_config_giving_every_object_a_level(name, short)
     ranges = suggestions["MODEL.SOLOV2.SCALE_RANGES"]
     assert ranges[0][0] == 1 and ranges[-1][1] == 2048
     assert all(a[1] >= b[0] for a, b in zip(ranges, ranges[1:])), "no gap between levels"
-    # The levels kept are those whose default ranges meet [1st, 99th percentile]: the first
-    # and last do, the levels beside them do not.
-    p1, p99 = stats["object_size_input"]["p1"], stats["object_size_input"]["p99"]
+    # One level per octave of object size (1st to 99th percentile over the training sizes)
+    # and one more, at most five; inner ranges follow the published pattern [b/2, 2b], [b, 4b]..
+    train = suggestions["INPUT.MIN_SIZE_TRAIN"]
+    p1 = stats["object_size_input"]["p1"] * train[0] / short
+    p99 = stats["object_size_input"]["p99"] * train[-1] / short
     levels = suggestions["MODEL.SOLOV2.INSTANCE_IN_FEATURES"]
-    first, last = LEVELS.index(levels[0]), LEVELS.index(levels[-1])
-    assert levels == LEVELS[first : last + 1]
-    assert SCALE_RANGES[first][1] >= p1 and SCALE_RANGES[last][0] <= p99
-    assert first == 0 or SCALE_RANGES[first - 1][1] < p1
-    assert last == len(LEVELS) - 1 or SCALE_RANGES[last + 1][0] > p99
+    assert len(levels) == min(5, int(np.ceil(np.log2(p99 / p1))) + 1)
+    assert levels == LEVELS[: len(levels)]
+    base = ranges[0][1] // 2
+    assert all(r == [base * 2**k // 2, base * 2 ** (k + 1)] for k, r in enumerate(ranges[1:-1], 1))
     assert suggestions["INPUT.MIN_SIZE_TEST"] == short
+    assert suggestions["INPUT.MAX_SIZE_TRAIN"] == suggestions["INPUT.MAX_SIZE_TEST"]
     grids = suggestions["MODEL.SOLOV2.NUM_GRIDS"]
     assert grids == sorted(grids, reverse=True) and min(grids) >= 2
-    if short == 800:
-        assert grids == [40, 36, 24, 16, 12][: len(grids)] or levels[0] != "p2"
-    assert short in suggestions["INPUT.MIN_SIZE_TRAIN"]
+    if len(levels) == 5:  # more octaves than levels: the published ranges
+        assert ranges == SCALE_RANGES
+        assert short != 800 or grids == [40, 36, 24, 16, 12]
+    else:
+        assert ranges[0][1] >= p1 and ranges[-1][0] <= p99, "the objects reach every level"
+    assert short in train and len(train) == 3
 
 
-def test_fruit_at_its_config_size_uses_the_two_finest_levels_and_could_shrink():
-    """fruit_train's objects (64..210 px in 800x600 photos) are 31..101 px at the fruit
-    config's 288: ranges [1, 96] and [48, 192] hold them; 95% stay >= 24 px down to 224."""
+def test_coco_at_800_gets_the_published_levels_and_grids():
+    if "coco_mini_train" not in DatasetCatalog.list():
+        pytest.skip(f"{SHARED}/data/coco_mini is not here")
+    suggestions = suggest_settings(dataset_stats(DatasetCatalog.get("coco_mini_train"), 800, 1333))
+    cfg = _apply({})  # the defaults of add_solov2_config
+    for key in ["INSTANCE_IN_FEATURES", "INSTANCE_STRIDES", "SCALE_RANGES", "NUM_GRIDS"]:
+        published = [list(v) if isinstance(v, (list, tuple)) else v for v in cfg.MODEL.SOLOV2[key]]
+        assert suggestions["MODEL.SOLOV2." + key] == published, key
+
+
+def test_fruit_at_its_config_size_gives_the_fruit_configs_sizes_and_levels():
+    """fruit_train's objects (64..210 px in 800x600 photos) are 28..104 px over the fruit
+    config's training sizes 256..320: two octaves, so three levels, centred on them with
+    b = 32 (the config's ranges); 95% stay >= 24 px down to a short side of 224."""
+    cfg = get_cfg()
+    add_solov2_config(cfg)
+    cfg.merge_from_file(FRUIT_CONFIG)
     stats = dataset_stats(DatasetCatalog.get("fruit_train"), 288, 640)
     suggestions = suggest_settings(stats)
-    assert suggestions["MODEL.SOLOV2.INSTANCE_IN_FEATURES"] == ["p2", "p3"]
-    assert suggestions["MODEL.SOLOV2.SCALE_RANGES"] == [[1, 96], [48, 2048]]
-    assert suggestions["MODEL.SOLOV2.NUM_GRIDS"] == [14, 13]
+    for key in ["MIN_SIZE_TRAIN", "MAX_SIZE_TRAIN", "MIN_SIZE_TEST", "MAX_SIZE_TEST"]:
+        value = cfg.INPUT[key]
+        assert suggestions["INPUT." + key] == (list(value) if isinstance(value, tuple) else value)
+    for key in ["INSTANCE_IN_FEATURES", "INSTANCE_STRIDES", "SCALE_RANGES"]:
+        assert suggestions["MODEL.SOLOV2." + key] == [
+            list(v) if isinstance(v, (list, tuple)) else v for v in cfg.MODEL.SOLOV2[key]
+        ], key
+    assert suggestions["MODEL.SOLOV2.SCALE_RANGES"] == [[1, 64], [32, 128], [64, 2048]]
+    # 40, 36, 24 scaled by 288 / 800 and 48 / 32.
+    assert suggestions["MODEL.SOLOV2.NUM_GRIDS"] == [22, 19, 13]
     assert suggestions["smallest_short_side"] == 224
     p5 = stats["object_size_input"]["p5"]
     assert p5 * 224 / 288 >= 24 > p5 * 192 / 288
@@ -113,7 +140,7 @@ def test_command_prints_statistics_with_the_configs_input_size(capsys):
     out = capsys.readouterr().out
     assert "Dataset fruit_train: 14 images, 134 instances" in out
     assert "object size (input 288/640)" in out and "date: 61" in out
-    assert 'MODEL.SOLOV2.INSTANCE_IN_FEATURES ["p2","p3"]' in out
+    assert 'MODEL.SOLOV2.INSTANCE_IN_FEATURES ["p2","p3","p4"]' in out
     assert result["stats"]["input"] == {"min_size": 288, "max_size": 640}
     main(["--dataset", "fruit_train", "--json"])
     printed = json.loads(capsys.readouterr().out)
