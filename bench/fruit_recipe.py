@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/fruit_recipe.py seeds [--seeds 0 1 2]
     .venv/bin/python bench/fruit_recipe.py ablation [--seed 0] [--evaluations-only]
-    .venv/bin/python bench/fruit_recipe.py folds [--folds 0 1 2] [--seed 0]
+    .venv/bin/python bench/fruit_recipe.py folds [--folds 0 1 2] [--seed 0] [--without PIECE]
     .venv/bin/python bench/fruit_recipe.py table
 
 `seeds` runs `bash tools/train_fruit.sh SEED s` (the recipe of configs/fruit) into
@@ -11,11 +11,12 @@ that piece off (large-scale jitter, colour jitter, copy-paste) into output/recip
 and scores the pieces that act after training on the seed's run without retraining: weight
 averaging (the training weights that `model_final.pth` keeps beside the average), test-time
 augmentation (the plain evaluation) and main-part boxes (tight boxes), by `train_net.py
---eval-only`. `folds` trains the recipe on the folds of fruit_train (fruit_fold<k>_train,
-evaluated on fruit_fold<k>_val) into output/recipe/fold<k>_s<s>, and scores the training weights
-beside the average there too (fold<k>_s<s>_no_ema): the choices made without fruit_val. `table`
-prints what output/recipe holds as Markdown. Run one at a time, on a
-quiet machine: the wall times are part of the result.
+--eval-only`. `folds` trains the recipe (with `--without`, less some of its training-time
+pieces) on the folds of fruit_train (fruit_fold<k>_train, evaluated on fruit_fold<k>_val) into
+output/recipe/fold<k>_s<s>[_no_<piece>], and scores the training weights beside the average
+there too ([...]_no_ema): the choices made without fruit_val. `table` prints what
+output/recipe holds as Markdown. Run one at a time, on a quiet machine: the wall times are
+part of the result.
 """
 import argparse
 import json
@@ -91,11 +92,14 @@ def folds(args) -> None:
     s = args.seed
     for k in args.folds:
         run = os.path.join(OUT, f"fold{k}_s{s}")
-        datasets = ["DATASETS.TRAIN", f'("fruit_fold{k}_train",)']
-        datasets += ["DATASETS.TEST", f'("fruit_fold{k}_val",)']
+        opts = ["SEED", str(s), "DATASETS.TRAIN", f'("fruit_fold{k}_train",)']
+        opts += ["DATASETS.TEST", f'("fruit_fold{k}_val",)']
+        for piece in args.without:
+            run += f"_no_{piece}"
+            opts += TRAINING_PIECES[piece]
         if not os.path.isfile(os.path.join(run, "model_final.pth")):
-            _train(run, ["SEED", str(s), *datasets])
-        _evaluate(_training_weights(run), run + "_no_ema", datasets)
+            _train(run, opts)
+        _evaluate(_training_weights(run), run + "_no_ema", opts)
 
 
 def _results(folder: str):
@@ -176,6 +180,10 @@ def main():
     p = commands.add_parser("folds")
     p.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--without", nargs="*", default=[], choices=sorted(TRAINING_PIECES),
+        help="training-time pieces turned off",
+    )
     p.set_defaults(run=folds)
     commands.add_parser("table").set_defaults(run=table)
     args = parser.parse_args()
