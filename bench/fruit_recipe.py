@@ -1,22 +1,23 @@
-"""The fruit job's recipe measured: seeds, and each piece removed in turn (issue 24).
+"""The fruit job's recipe measured: seeds, each piece removed (or added) in turn, and the
+folds of fruit_train that its choices were made on (issue 24).
 
     .venv/bin/python bench/fruit_recipe.py seeds [--seeds 0 1 2]
     .venv/bin/python bench/fruit_recipe.py ablation [--seed 0] [--evaluations-only]
-    .venv/bin/python bench/fruit_recipe.py folds [--folds 0 1 2] [--seed 0] [--without PIECE]
+    .venv/bin/python bench/fruit_recipe.py folds [--folds 0 1 2] [--seed 0] [--without P] [--with P]
     .venv/bin/python bench/fruit_recipe.py table
 
 `seeds` runs `bash tools/train_fruit.sh SEED s` (the recipe of configs/fruit) into
-output/recipe/seed<s>, timing each run. `ablation` runs it once per training-time piece with
-that piece off (large-scale jitter, colour jitter, copy-paste) into output/recipe/no_<piece>_s<s>,
-and scores the pieces that act after training on the seed's run without retraining: weight
-averaging (the training weights that `model_final.pth` keeps beside the average), test-time
-augmentation (the plain evaluation) and main-part boxes (tight boxes), by `train_net.py
---eval-only`. `folds` trains the recipe (with `--without`, less some of its training-time
-pieces) on the folds of fruit_train (fruit_fold<k>_train, evaluated on fruit_fold<k>_val) into
-output/recipe/fold<k>_s<s>[_no_<piece>], and scores the training weights beside the average
-there too ([...]_no_ema): the choices made without fruit_val. `table` prints what
-output/recipe holds as Markdown. Run one at a time, on a quiet machine: the wall times are
-part of the result.
+output/recipe/seed<s>, timing each run. `ablation` scores the pieces that act after training
+on the seed's run by `train_net.py --eval-only` (test-time augmentation: the plain evaluation;
+main-part boxes: tight boxes, into no_main_part_boxes_s<s>), then trains once per training-time
+piece with that piece removed (large-scale jitter, colour jitter, copy-paste: no_<piece>_s<s>)
+or added (weight averaging, which the recipe leaves out: with_ema_s<s>). `folds` trains the
+recipe, with `--without` / `--with` changes, on the folds of fruit_train (fruit_fold<k>_train,
+evaluated on fruit_fold<k>_val) into output/recipe/fold<k>_s<s>[_no_<piece>][_with_ema]: the
+choices made without fruit_val. A run with weight averaging also scores its training weights,
+which are exactly those of the same run without it (tests/engine/test_ema.py), into the folder
+of that run when it has none. `table` prints what output/recipe holds as Markdown. Run one at a
+time, on a quiet machine: the wall times are part of the result.
 """
 import argparse
 import json
@@ -33,11 +34,16 @@ CONFIG = "configs/fruit/SOLOv2_R18_fruit.yaml"
 OUT = os.path.join(REPO, "output", "recipe")
 PY = sys.executable
 
-# Training-time pieces: the overrides that turn each off.
-TRAINING_PIECES = {
+# Training-time pieces of the recipe: the overrides that remove each,
+REMOVE = {
     "lsj": ["INPUT.LSJ.ENABLED", "False"],
     "color_jitter": ["INPUT.COLOR_JITTER.ENABLED", "False"],
     "copy_paste": ["INPUT.COPY_PASTE.ENABLED", "False"],
+}
+# and those it leaves out: the overrides that add each (an average of about the last 100
+# iterations).
+ADD = {
+    "ema": ["MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", "0.99", "MODEL_EMA.WARMUP_ITERS", "50"]
 }
 
 
@@ -55,15 +61,23 @@ def _evaluate(weights: str, folder: str, opts) -> None:
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
-def _training_weights(run: str) -> str:
-    """The training weights of a run with weight averaging, saved as a checkpoint of their own
-    (model_final.pth holds the average as "model" and them in "model_ema"/"raw_model")."""
-    final = torch.load(os.path.join(run, "model_final.pth"), map_location="cpu", weights_only=False)
-    raw = dict(final["model"])
-    raw.update(final["model_ema"]["raw_model"])
-    path = os.path.join(run, "model_final_training_weights.pth")
-    torch.save({"model": raw}, path)
-    return path
+def _train_and_score(folder: str, opts) -> None:
+    """Train into `folder` unless done; for a run with weight averaging ("_with_ema" ending its
+    name), score its training weights (model_final.pth keeps them in "model_ema"/"raw_model"
+    beside the average) as the run without it."""
+    if not os.path.isfile(os.path.join(folder, "inference", "results.json")):
+        _train(folder, opts)
+    plain = folder[: -len("_with_ema")] if folder.endswith("_with_ema") else None
+    if plain and not os.path.isdir(plain):
+        final = torch.load(
+            os.path.join(folder, "model_final.pth"), map_location="cpu", weights_only=False
+        )
+        raw = dict(final["model"])
+        raw.update(final["model_ema"]["raw_model"])
+        path = os.path.join(folder, "model_final_training_weights.pth")
+        torch.save({"model": raw}, path)
+        assert opts[-len(ADD["ema"]) :] == ADD["ema"], opts
+        _evaluate(path, plain, opts[: -len(ADD["ema"])])
 
 
 def seeds(args) -> None:
@@ -76,16 +90,15 @@ def ablation(args) -> None:
     run = os.path.join(OUT, f"seed{s}")
     if not os.path.isfile(os.path.join(run, "model_final.pth")):
         _train(run, ["SEED", str(s)])
-    final = os.path.join(run, "model_final.pth")
-    _evaluate(_training_weights(run), os.path.join(OUT, f"no_ema_s{s}"), [])
     tight = ["MODEL.SOLOV2.BOX_FROM", "tight"]
+    final = os.path.join(run, "model_final.pth")
     _evaluate(final, os.path.join(OUT, f"no_main_part_boxes_s{s}"), tight)
     if args.evaluations_only:
         return
-    for piece, opts in TRAINING_PIECES.items():
-        folder = os.path.join(OUT, f"no_{piece}_s{s}")
-        if not os.path.isfile(os.path.join(folder, "inference", "results.json")):
-            _train(folder, ["SEED", str(s), *opts])
+    for piece, opts in REMOVE.items():
+        _train_and_score(os.path.join(OUT, f"no_{piece}_s{s}"), ["SEED", str(s), *opts])
+    for piece, opts in ADD.items():
+        _train_and_score(os.path.join(OUT, f"with_{piece}_s{s}"), ["SEED", str(s), *opts])
 
 
 def folds(args) -> None:
@@ -95,11 +108,10 @@ def folds(args) -> None:
         opts = ["SEED", str(s), "DATASETS.TRAIN", f'("fruit_fold{k}_train",)']
         opts += ["DATASETS.TEST", f'("fruit_fold{k}_val",)']
         for piece in args.without:
-            run += f"_no_{piece}"
-            opts += TRAINING_PIECES[piece]
-        if not os.path.isfile(os.path.join(run, "model_final.pth")):
-            _train(run, opts)
-        _evaluate(_training_weights(run), run + "_no_ema", opts)
+            run, opts = run + f"_no_{piece}", opts + REMOVE[piece]
+        for piece in args.with_:
+            run, opts = run + f"_with_{piece}", opts + ADD[piece]
+        _train_and_score(run, opts)
 
 
 def _results(folder: str):
@@ -154,7 +166,7 @@ def table(args) -> None:
     print()
     print(header)
     for d in folders:
-        if d.startswith(("no_", "fold")):
+        if d.startswith(("no_", "with_", "fold")):
             r = _results(os.path.join(OUT, d))
             if r is not None:
                 tta = "segm_TTA" in r and not d.startswith("no_tta")
@@ -180,10 +192,8 @@ def main():
     p = commands.add_parser("folds")
     p.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--without", nargs="*", default=[], choices=sorted(TRAINING_PIECES),
-        help="training-time pieces turned off",
-    )
+    p.add_argument("--without", nargs="*", default=[], choices=sorted(REMOVE))
+    p.add_argument("--with", dest="with_", nargs="*", default=[], choices=sorted(ADD))
     p.set_defaults(run=folds)
     commands.add_parser("table").set_defaults(run=table)
     args = parser.parse_args()
