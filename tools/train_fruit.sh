@@ -49,13 +49,17 @@ import json
 import os
 import sys
 
+import yaml
+
 out, seconds = sys.argv[1], int(sys.argv[2])
+with open(f"{out}/config.yaml") as f:
+    test_sets = ", ".join(yaml.safe_load(f)["DATASETS"]["TEST"])
 with open(f"{out}/inference/results.json") as f:
     results = json.load(f)
 if os.path.isfile(f"{out}/inference_TTA/results.json"):
     with open(f"{out}/inference_TTA/results.json") as f:
         results.update(json.load(f))
-print(f"\n[train_fruit] fruit_val after {seconds // 60} min {seconds % 60} s in all:")
+print(f"\n[train_fruit] {test_sets} after {seconds // 60} min {seconds % 60} s in all:")
 for suffix, how in (("_TTA", "with test-time augmentation"), ("", "without")):
     if "segm" + suffix not in results:
         continue
