@@ -16,7 +16,8 @@ recipe, with `--without` / `--with` changes, on the folds of fruit_train (fruit_
 evaluated on fruit_fold<k>_val) into output/recipe/fold<k>_s<s>[_no_<piece>][_with_ema]: the
 choices made without fruit_val. A run with weight averaging also scores its training weights,
 which are exactly those of the same run without it (tests/engine/test_ema.py), into the folder
-of that run when it has none. `table` prints what output/recipe holds as Markdown. Run one at a
+of that run when it has none. `table` prints what output/recipe holds as Markdown, with the
+iteration at which each run's mask loss first fell below 1 (see `_take_off`). Run one at a
 time, on a quiet machine: the wall times are part of the result.
 """
 import argparse
@@ -128,22 +129,38 @@ def _results(folder: str):
     if os.path.isfile(wall):
         with open(wall) as f:
             results["wall_seconds"] = json.load(f)["seconds"]
+    results["take_off"] = _take_off(os.path.join(folder, "metrics.json"))
     return results
+
+
+def _take_off(metrics_path: str, below: float = 1.0):
+    """The first logged iteration at which the mask loss (detectron2's median over the logging
+    window) is below `below`, or None. The mask branch learns little until then, and when that
+    happens is most of what the seed decides in the fruit job."""
+    if not os.path.isfile(metrics_path):
+        return None
+    with open(metrics_path) as f:
+        for line in f:
+            entry = json.loads(line)
+            if entry.get("loss_mask", below) < below:
+                return entry["iteration"] + 1
+    return None
 
 
 def _row(name, r, task_suffix=""):
     segm, bbox = r["segm" + task_suffix], r["bbox" + task_suffix]
     wall = r.get("wall_seconds")
     minutes = f"{wall / 60:.1f}" if wall else "-"
+    take_off = r.get("take_off") or "-"
     return (
         f"| {name} | {segm['AP']:.1f} | {segm['AP50']:.1f} | {bbox['AP']:.1f} | "
-        f"{bbox['AP50']:.1f} | {minutes} |"
+        f"{bbox['AP50']:.1f} | {minutes} | {take_off} |"
     )
 
 
 def table(args) -> None:
-    header = "| run | mask AP | mask AP50 | box AP | box AP50 | minutes |\n"
-    header += "|---|---:|---:|---:|---:|---:|"
+    header = "| run | mask AP | mask AP50 | box AP | box AP50 | minutes | mask loss < 1 at |\n"
+    header += "|---|---:|---:|---:|---:|---:|---:|"
     folders = sorted(os.listdir(OUT)) if os.path.isdir(OUT) else []
     seed_runs = [d for d in folders if d.startswith("seed")]
     print(header)
@@ -166,7 +183,7 @@ def table(args) -> None:
     print()
     print(header)
     for d in folders:
-        if d.startswith(("no_", "with_", "fold")):
+        if not d.startswith("seed"):
             r = _results(os.path.join(OUT, d))
             if r is not None:
                 tta = "segm_TTA" in r and not d.startswith("no_tta")

@@ -78,3 +78,19 @@ def test_ablation_removes_each_piece_and_adds_weight_averaging(recipe, tmp_path,
     # Tight boxes on the recipe's run; the training weights of with_ema_s2 are seed2's run,
     # which is there: not scored again.
     assert evaluated == ["no_main_part_boxes_s2"]
+
+
+def test_take_off_is_the_first_logged_iteration_with_the_mask_loss_below_one(recipe, tmp_path):
+    module, _ = recipe
+    logged = [
+        {"iteration": 19, "loss_mask": 2.5},
+        {"iteration": 39, "loss_mask": 1.0},
+        {"iteration": 49, "segm/AP": 3.0},  # an evaluation's line has no loss
+        {"iteration": 59, "loss_mask": 0.9},
+        {"iteration": 79, "loss_mask": 0.7},
+    ]
+    path = tmp_path / "metrics.json"
+    path.write_text("\n".join(json.dumps(x) for x in logged) + "\n")
+    assert module._take_off(str(path)) == 60
+    assert module._take_off(str(path), below=0.5) is None
+    assert module._take_off(str(tmp_path / "missing.json")) is None
