@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from solov2_d2.engine.learning_curve import read_metrics
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/fruit/SOLOv2_R18_fruit.yaml"
 OUT = os.path.join(REPO, "output", "recipe")
@@ -62,23 +64,21 @@ def _evaluate(weights: str, folder: str, opts) -> None:
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
-def _train_and_score(folder: str, opts) -> None:
-    """Train into `folder` unless done; for a run with weight averaging ("_with_ema" ending its
-    name), score its training weights (model_final.pth keeps them in "model_ema"/"raw_model"
-    beside the average) as the run without it."""
-    if not os.path.isfile(os.path.join(folder, "inference", "results.json")):
-        _train(folder, opts)
-    plain = folder[: -len("_with_ema")] if folder.endswith("_with_ema") else None
-    if plain and not os.path.isdir(plain):
-        final = torch.load(
-            os.path.join(folder, "model_final.pth"), map_location="cpu", weights_only=False
-        )
+def _train_and_score(folder: str, opts, with_ema: bool = False) -> None:
+    """Train with `opts` into `folder` unless done. With weight averaging (`with_ema`: the run
+    goes to `folder`_with_ema), its training weights, which model_final.pth keeps in
+    "model_ema"/"raw_model" beside the average, are also scored as the run into `folder`."""
+    run = folder + "_with_ema" if with_ema else folder
+    if not os.path.isfile(os.path.join(run, "inference", "results.json")):
+        _train(run, (opts + ADD["ema"]) if with_ema else opts)
+    if with_ema and not os.path.isdir(folder):
+        final = os.path.join(run, "model_final.pth")
+        final = torch.load(final, map_location="cpu", weights_only=False)
         raw = dict(final["model"])
         raw.update(final["model_ema"]["raw_model"])
-        path = os.path.join(folder, "model_final_training_weights.pth")
+        path = os.path.join(run, "model_final_training_weights.pth")
         torch.save({"model": raw}, path)
-        assert opts[-len(ADD["ema"]) :] == ADD["ema"], opts
-        _evaluate(path, plain, opts[: -len(ADD["ema"])])
+        _evaluate(path, folder, opts)
 
 
 def seeds(args) -> None:
@@ -110,9 +110,7 @@ def folds(args) -> None:
         opts += ["DATASETS.TEST", f'("fruit_fold{k}_val",)']
         for piece in args.without:
             run, opts = run + f"_no_{piece}", opts + REMOVE[piece]
-        for piece in args.with_:
-            run, opts = run + f"_with_{piece}", opts + ADD[piece]
-        _train_and_score(run, opts)
+        _train_and_score(run, opts, with_ema="ema" in args.with_)
 
 
 def _results(folder: str):
@@ -139,12 +137,8 @@ def _take_off(metrics_path: str, below: float = 1.0):
     happens is most of what the seed decides in the fruit job."""
     if not os.path.isfile(metrics_path):
         return None
-    with open(metrics_path) as f:
-        for line in f:
-            entry = json.loads(line)
-            if entry.get("loss_mask", below) < below:
-                return entry["iteration"] + 1
-    return None
+    records = read_metrics(metrics_path)
+    return next((r["iteration"] + 1 for r in records if r.get("loss_mask", below) < below), None)
 
 
 def _row(name, r, task_suffix=""):
@@ -186,7 +180,7 @@ def table(args) -> None:
         if not d.startswith("seed"):
             r = _results(os.path.join(OUT, d))
             if r is not None:
-                tta = "segm_TTA" in r and not d.startswith("no_tta")
+                tta = "segm_TTA" in r
                 print(_row(d, r, "_TTA" if tta else ""))
                 if tta:
                     print(_row(d + " (without TTA)", r))
